@@ -1,0 +1,183 @@
+"""The ``vitpipe`` command line: one subcommand per stage, each a thin call into the library.
+
+Heavy modules are imported inside each handler so ``vitpipe --help`` stays fast and a stage's
+dependencies are only loaded when that stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from .config import ConfigError
+from .errors import VitpipeError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML preset (a stage config or a pipeline preset)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4")
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from .models.complexity import model_info_text
+
+    print(model_info_text(args.name, args.overrides, batch_size=args.batch_size))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from . import config as C
+
+    if args.action == "schema":
+        print(json.dumps(C.json_schema(C.STAGES[args.stage]), indent=2))
+        return 0
+    section = args.section or (None if args.stage == "pipeline" else args.stage)
+    cfg = C.load_stage(args.stage, args.config, args.overrides, section=section)
+    if args.action == "flat":
+        for k, v in C.flatten(cfg).items():
+            print(f"{k}={v}")
+    else:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from .config import load_stage
+    from .data import shard
+
+    overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
+    cfg = load_stage("shard", args.config, overrides, section="shard")
+    print(shard(cfg))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_stage
+    from .train import train
+
+    section = "pretrain" if args.mode == "mae" else "finetune"
+    overrides = list(args.overrides)
+    if args.mode:
+        overrides.append(f"mode={args.mode}")
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_stage("train", args.config, overrides, section=section)
+    result = train(cfg)
+    print(json.dumps(result if isinstance(result, dict) else result.__dict__, default=str))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import load_stage
+    from .evaluate import evaluate
+
+    cfg = load_stage("evaluate", args.config, args.overrides, section="evaluate")
+    print(json.dumps(evaluate(cfg), default=str, indent=2))
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .config import load_stage
+    from .registry import register
+
+    cfg = load_stage("register", args.config, args.overrides, section="register")
+    print(json.dumps(register(cfg), default=str, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .registry.predict import predict_cli
+
+    return predict_cli(args.model_uri, args.images, top_k=args.top_k, as_json=args.json)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the Prefect pipeline flow (in its own process: this library imports no Prefect)."""
+    cmd = [sys.executable, "-m", "flows.pipeline"]
+    if args.config:
+        cmd += ["--config", args.config]
+    return subprocess.call(cmd + list(args.overrides))
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from .stack import stack_cli
+
+    return stack_cli(args.action, args.dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitpipe",
+        description="Train Vision Transformers end to end: shard -> train -> evaluate -> register.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("model-info", help="params, GFLOPs, activation memory, tokens of a model")
+    p.add_argument("name", help="a registered variant, e.g. vit_base_patch16_224")
+    p.add_argument("overrides", nargs="*", help="model overrides, e.g. depth=8 img_size=384")
+    p.add_argument("--batch-size", type=int, default=1, help="batch for activation memory")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("config", help="show a resolved config, flat params, or JSON schema")
+    p.add_argument("action", choices=["show", "flat", "schema"])
+    p.add_argument("--stage", default="pipeline", choices=["shard", "train", "evaluate",
+                                                          "register", "pipeline"])
+    p.add_argument("--section", help="section of a pipeline preset (e.g. pretrain)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("shard", help="write WebDataset shards + manifest.json from a dataset")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if a manifest exists")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("train", help="supervised / MAE pretraining or fine-tuning (Accelerate)")
+    p.add_argument("--mode", choices=["supervised", "mae", "finetune"])
+    p.add_argument("--resume", help="'auto' (newest checkpoint), a checkpoint URI, or 'none'")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics + plots for trained weights on a split")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="register a run's model in MLflow; gate to champion")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("predict", help="top-k predictions of a registered model on images")
+    p.add_argument("model_uri", help="e.g. models:/vitpipe-fmnist@champion")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("run", help="run the whole pipeline flow (Prefect, ephemeral if no server)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stack", help="local Prefect + MLflow + S3 stack without Docker")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--dir", default=".stack", help="where the stack keeps its data and env file")
+    p.set_defaults(func=cmd_stack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"vitpipe {args.command}: config error:\n{err}", file=sys.stderr)
+        return 2
+    except VitpipeError as err:
+        print(f"vitpipe {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

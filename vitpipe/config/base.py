@@ -1,0 +1,161 @@
+"""Strict pydantic base, YAML loading, dotted overrides and clear config errors.
+
+Every stage config derives from :class:`StrictModel`, so a misspelt key is an error, not a
+silently ignored setting. Errors name the key, where it came from and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import VitpipeError
+
+M = TypeVar("M", bound="StrictModel")
+
+# Keys whose values must never reach logs, MLflow params or error messages.
+SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+
+
+class ConfigError(VitpipeError, ValueError):
+    """A config problem a user can fix: says what, where, and what to do."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _field_names(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Valid keys at ``path`` inside ``model`` (walks nested StrictModel fields)."""
+    current: Any = model
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation such as ``Foo | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(model: type[BaseModel], err: ValidationError, source: str) -> str:
+    """Turn pydantic's error list into lines a user can act on."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            parent, key = loc[:-1], str(loc[-1])
+            valid = _field_names(model, parent)
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join([*map(str, parent), close[0]])}'?" if close else ""
+            where = ".".join(map(str, parent)) or "top level"
+            lines.append(
+                f"unknown key '{dotted}' in {source} (section: {where}){hint} "
+                f"Valid keys there: {', '.join(valid)}"
+            )
+        else:
+            value = e.get("input")
+            shown = "<hidden>" if any(m in dotted.lower() for m in SECRET_MARKERS) else repr(value)
+            lines.append(f"invalid value for '{dotted}' in {source}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    """Validate ``data`` as ``model``; raise :class:`ConfigError` with readable messages."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(model, err, source)) from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (numbers, bools, lists, null) or keep it a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (copy); keys are checked on validate."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = parse_value(raw)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing file or a non-mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (presets live in configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
+    """Load ``model`` from an optional YAML file plus dotted overrides, validated."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path else "defaults"
+    if overrides:
+        source += " + overrides"
+    return validate(model, data, source)
+
+
+def flatten(cfg: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flat ``a.b.c -> str(value)`` view for MLflow params; secrets are redacted."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif any(m in key.lower() for m in SECRET_MARKERS):
+            out[name] = "<redacted>" if value else ""
+        else:
+            out[name] = json.dumps(value) if isinstance(value, list) else str(value)
+    return out
+
+
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """JSON schema of a config (what Prefect shows as a flow's parameters)."""
+    return model.model_json_schema()

@@ -1,0 +1,65 @@
+"""Training stage config: one typed object for supervised, MAE and fine-tune runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import StrictModel
+from .data import DataConfig
+from .model import MAEConfig, ModelConfig
+from .tracking import TrackingConfig
+
+
+class OptimConfig(StrictModel):
+    """The recipe. ``lr`` wins over ``blr``; else lr = blr * effective_batch / 256."""
+
+    epochs: float = Field(10, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # cap, for tests and smoke runs
+    blr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    accum_steps: int = Field(1, ge=1)
+    clip_grad: float | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    layer_decay: float | None = Field(None, gt=0, le=1)  # LLRD, for fine-tuning
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    use_ema_for_export: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (CPU)
+
+
+class CheckpointConfig(StrictModel):
+    """Where and how often to checkpoint. ``dir`` may be local or s3://."""
+
+    dir: str = "runs/checkpoints"
+    every_n_steps: int = Field(500, gt=0)
+    keep_last: int = Field(2, ge=1)
+    resume: str | None = "auto"  # "auto": newest in dir; a path/URI; None: start fresh
+
+
+class TrainConfig(StrictModel):
+    """Everything one training run needs; logged flat to MLflow as params."""
+
+    mode: Literal["supervised", "mae", "finetune"] = "supervised"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    mae: MAEConfig = MAEConfig()
+    data: DataConfig = DataConfig()
+    train: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    init: str | None = None  # finetune source: path, s3://, or runs:/<id>/<path>
+    output_dir: str = "runs/train"
+    eval_every_epochs: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> TrainConfig:
+        if self.mode == "finetune" and not self.init:
+            raise ValueError("mode=finetune needs 'init' (an encoder or checkpoint URI)")
+        return self
