@@ -1,0 +1,1 @@
+"""Local servers for laptops and integration tests: SeaweedFS S3, MLflow, Prefect."""
