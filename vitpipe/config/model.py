@@ -29,8 +29,10 @@ class ModelConfig(StrictModel):
     stem: Literal["patch", "conv"] | None = None
     global_pool: Literal["token", "avg"] | None = None
     drop_rate: float | None = Field(None, ge=0, lt=1)
+    attn_drop_rate: float | None = Field(None, ge=0, lt=1)
     drop_path_rate: float | None = Field(None, ge=0, lt=1)
     layer_scale_init: float | None = Field(None, gt=0)
+    zero_head: bool | None = None  # zero-initialised classifier (common for fine-tuning)
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:

@@ -1,0 +1,170 @@
+"""Analytic cost of a ViT: exact parameter count, forward FLOPs, training activation memory.
+
+FLOPs follow ``torch.utils.flop_counter``'s convention: 2 x multiply-accumulates of every
+matmul and convolution (bias adds, norms, softmax and activations are not counted). Per block
+with T tokens, width D and MLP width M:
+
+    qkv 6 T D^2  +  scores QK^T 2 T^2 D  +  AV 2 T^2 D  +  proj 2 T D^2  +  MLP 4 T D M
+
+The T^2 terms are what makes high resolution (or small patches) expensive.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..config.base import ConfigError, parse_value
+from .registry import resolve
+
+
+def _grid(kw: dict[str, Any]) -> tuple[int, int, int]:
+    g = kw["img_size"] // kw["patch_size"]
+    return g, g, g * g
+
+
+def _stem_widths(kw: dict[str, Any]) -> list[int]:
+    """Channel widths of the conv stem's stride-2 stages (see ``layers.ConvStem``)."""
+    n = int(math.log2(kw["patch_size"]))
+    return [max(kw["embed_dim"] // 2 ** (n - i), 8) for i in range(n)]
+
+
+def count_params(kw: dict[str, Any]) -> int:
+    """Exact trainable parameter count of ``VisionTransformer(**kw)``."""
+    d, c, p, k = kw["embed_dim"], kw["in_chans"], kw["patch_size"], kw["num_classes"]
+    gh, gw, n = _grid(kw)
+    m = int(d * kw["mlp_ratio"])
+    if kw["stem"] == "conv":
+        total, cin = 0, c
+        for cout in _stem_widths(kw):
+            total += cin * cout * 9 + 2 * cout  # conv (no bias) + BatchNorm affine
+            cin = cout
+        total += cin * d + d
+    else:
+        total = c * p * p * d + d
+    total += d if kw["global_pool"] == "token" else 0  # class token
+    total += {"learned": n * d, "factorized": (gh + gw) * d, "sincos": 0}[kw["pos_embed"]]
+    block = (2 * d                                      # norm1
+             + 3 * d * d + (3 * d if kw["qkv_bias"] else 0) + d * d + d  # qkv, proj
+             + 2 * d                                    # norm2
+             + d * m + m + m * d + d                    # fc1, fc2
+             + (2 * d if kw["layer_scale_init"] else 0))
+    total += kw["depth"] * block + 2 * d  # blocks + final norm (or fc_norm)
+    total += d * k + k if k > 0 else 0
+    return total
+
+
+def block_flops(tokens: int, dim: int, mlp_dim: int) -> int:
+    """Forward FLOPs of one transformer block over ``tokens`` tokens (one image)."""
+    t, d = tokens, dim
+    return 6 * t * d * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * mlp_dim
+
+
+def stem_flops(kw: dict[str, Any]) -> int:
+    d, c, p = kw["embed_dim"], kw["in_chans"], kw["patch_size"]
+    _, _, n = _grid(kw)
+    if kw["stem"] != "conv":
+        return 2 * n * d * c * p * p
+    total, cin, size = 0, c, kw["img_size"]
+    for cout in _stem_widths(kw):
+        size = (size + 1) // 2  # 3x3, stride 2, padding 1
+        total += 2 * size * size * cout * cin * 9
+        cin = cout
+    return total + 2 * n * d * cin
+
+
+def forward_flops(kw: dict[str, Any], tokens: int | None = None, head: bool = True) -> int:
+    """Forward FLOPs per image; ``tokens`` overrides the patch tokens the blocks see (MAE)."""
+    d = kw["embed_dim"]
+    _, _, n = _grid(kw)
+    prefix = 1 if kw["global_pool"] == "token" else 0
+    t = prefix + (n if tokens is None else tokens)
+    total = stem_flops(kw) + kw["depth"] * block_flops(t, d, int(d * kw["mlp_ratio"]))
+    if head and kw["num_classes"] > 0:
+        total += 2 * d * kw["num_classes"]
+    return total
+
+
+def mae_forward_flops(kw: dict[str, Any], mask_ratio: float, decoder_embed_dim: int,
+                      decoder_depth: int) -> int:
+    """Forward FLOPs per image of ``MaskedAutoencoder`` (the encoder sees visible tokens only)."""
+    _, _, n = _grid(kw)
+    prefix = 1 if kw["global_pool"] == "token" else 0
+    keep = max(1, int(round(n * (1 - mask_ratio))))
+    d, dd = kw["embed_dim"], decoder_embed_dim
+    enc = forward_flops(kw, tokens=keep, head=False)
+    dec = (2 * (prefix + keep) * d * dd
+           + decoder_depth * block_flops(prefix + n, dd, 4 * dd)
+           + 2 * (prefix + n) * dd * kw["patch_size"] ** 2 * kw["in_chans"])
+    return enc + dec
+
+
+def activation_bytes(kw: dict[str, Any], batch_size: int = 1, bytes_per_el: int = 4) -> int:
+    """Estimate of the activations autograd keeps for backward in one training step.
+
+    Per block (SDPA, so no T x T matrix is stored): LN inputs 2 TD, qkv input TD, q/k/v 3 TD,
+    attention output TD, proj input TD, fc1 input TD, GELU input and fc2 input 2 TM, plus the
+    layer-scale inputs 2 TD when enabled; then the final norm and the input images.
+    """
+    d, m = kw["embed_dim"], int(kw["embed_dim"] * kw["mlp_ratio"])
+    _, _, n = _grid(kw)
+    t = n + (1 if kw["global_pool"] == "token" else 0)
+    per_block = 9 * t * d + 2 * t * m + (2 * t * d if kw["layer_scale_init"] else 0)
+    images = kw["in_chans"] * kw["img_size"] ** 2
+    per_image = kw["depth"] * per_block + t * d + images
+    return per_image * batch_size * bytes_per_el
+
+
+def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"model override '{item}' is not of the form key=value "
+                              "(e.g. depth=8 img_size=384)")
+        key, raw = item.split("=", 1)
+        out[key.strip().removeprefix("model.")] = parse_value(raw)
+    return out
+
+
+def model_info(name: str, overrides: dict[str, Any] | list[str] | None = None,
+               batch_size: int = 1) -> dict[str, Any]:
+    """Params, forward GFLOPs per image, training activation memory and token count."""
+    kw = resolve(name, **_parse_overrides(overrides))
+    gh, gw, n = _grid(kw)
+    prefix = 1 if kw["global_pool"] == "token" else 0
+    fwd = forward_flops(kw)
+    return {
+        "name": name,
+        "params": count_params(kw),
+        "gflops": fwd / 1e9,
+        "train_gflops": 3 * fwd / 1e9,  # forward + backward (2x forward)
+        "activation_bytes": activation_bytes(kw, batch_size),
+        "batch_size": batch_size,
+        "grid": (gh, gw),
+        "tokens": n + prefix,
+        "config": kw,
+    }
+
+
+def model_info_text(name: str, overrides: list[str] | None = None, batch_size: int = 1) -> str:
+    """Human-readable ``model_info`` for ``vitpipe model-info``."""
+    info = model_info(name, overrides, batch_size)
+    kw = info["config"]
+    gh, gw = info["grid"]
+    return "\n".join([
+        f"model        {name}",
+        f"shape        img {kw['img_size']} patch {kw['patch_size']} chans {kw['in_chans']} "
+        f"width {kw['embed_dim']} depth {kw['depth']} heads {kw['num_heads']} "
+        f"mlp {kw['mlp_ratio']:g} pos {kw['pos_embed']} stem {kw['stem']} "
+        f"pool {kw['global_pool']} classes {kw['num_classes']}",
+        f"params       {info['params'] / 1e6:.2f}M ({info['params']:,})",
+        f"tokens       {info['tokens']} ({gh}x{gw} patches + {info['tokens'] - gh * gw} prefix)",
+        f"GFLOPs       {info['gflops']:.3f} forward / image = {info['gflops'] / 2:.3f} GMACs "
+        f"({info['train_gflops']:.3f} GFLOPs per training step / image)",
+        f"activations  {info['activation_bytes'] / 2**20:.1f} MiB fp32 for a training step "
+        f"at batch {batch_size}",
+    ])

@@ -1,0 +1,181 @@
+"""Transformer building blocks: patch embeddings, attention, MLP, pre-norm block.
+
+Shapes: B batch, C channels, H/W image size, p patch size, N = gh * gw patches,
+T = prefix + N tokens, D width, h heads, hd = D // h head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D, as a strided conv: (B, C, H, W) -> (B, N, D)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
+
+
+class ConvStem(nn.Module):
+    """Hybrid stem (Xiao et al. 2021): log2(p) stride-2 3x3 conv-BN-GELU, then a 1x1 conv to D.
+
+    Each stride-2 conv halves the grid, so the output grid equals the patch grid:
+    28x28 with p=4 -> 14x14 -> 7x7. Widths double towards D (D/2^k, ..., D/2).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768) -> None:
+        super().__init__()
+        n = int(math.log2(patch_size)) if patch_size > 0 else 0
+        if patch_size < 2 or 2**n != patch_size:
+            raise ValueError(
+                f"stem='conv' needs a power-of-two patch_size >= 2 (got {patch_size}); "
+                "use stem='patch' for other patch sizes"
+            )
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for i in range(n):
+            cout = max(embed_dim // 2 ** (n - i), 8)
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(cout), nn.GELU()]
+            cin = cout
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(cin, embed_dim, kernel_size=1)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    The default path is ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels,
+    the T x T matrix is never stored). ``return_attn=True`` takes the explicit path and also
+    returns the softmax probabilities (B, h, T, T), for attention maps.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide embed_dim={dim}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        # (B, T, 3D) -> (3, B, h, T, hd): views only, no copies
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        drop = self.attn_drop if self.training else 0.0
+        attn = None
+        if return_attn:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
+            x = F.dropout(attn, drop, self.training) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, h, T, hd)
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
+        return (x, attn) if return_attn else x
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP: D -> hidden -> D."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample while training (identity in eval)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned residual scale (CaiT), initialised small for deep models."""
+
+    def __init__(self, dim: int, init: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then the same for the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 layer_scale_init: float | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if return_attn:
+            y, attn = self.attn(self.norm1(x), return_attn=True)
+        else:
+            y, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, attn) if return_attn else x
