@@ -1,0 +1,95 @@
+"""Start and stop a local ``mlflow server``: SQLite backend, artifacts on disk or in S3.
+
+The server runs in proxied-artifact mode (``--serve-artifacts``): clients upload and download
+artifacts through the server, so only the server process needs S3 credentials. Those reach it
+through its environment (``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``), never its command line, where ``ps`` would show them.
+
+Used by ``vitpipe stack`` and by the tests' ``mlflow_server`` fixture, so both run this code.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .process import ManagedProcess, free_port
+
+_S3_ENV_KEYS = ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "MLFLOW_S3_IGNORE_TLS")
+
+
+@dataclass
+class MlflowServer:
+    """A running ``mlflow server``; ``uri`` is what clients use as MLFLOW_TRACKING_URI."""
+
+    process: ManagedProcess
+    host: str
+    port: int
+    backend_store_uri: str
+    artifacts_destination: str
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold S3 secrets
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.uri}/health"
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def __enter__(self) -> MlflowServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_mlflow_server(
+    data_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    artifacts_destination: str | None = None,
+    s3_env: dict[str, str] | None = None,
+    workers: int = 1,
+    timeout: float = 90.0,
+) -> MlflowServer:
+    """Start ``mlflow server`` with ``<data_dir>/mlflow.db`` and wait until ``/health`` answers.
+
+    ``artifacts_destination``: ``s3://bucket/prefix`` (then ``s3_env`` must carry
+    ``MLFLOW_S3_ENDPOINT_URL`` and the AWS credentials) or a local directory
+    (default ``<data_dir>/artifacts``). One worker by default: SQLite serialises writes anyway,
+    and the CPU is better spent elsewhere on small machines.
+    """
+    data = Path(data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    backend = f"sqlite:///{data / 'mlflow.db'}"
+    dest = artifacts_destination or str(data / "artifacts")
+    env = {k: v for k, v in (s3_env or {}).items() if k in _S3_ENV_KEYS or k.startswith("AWS_")}
+    if dest.startswith("s3://") and "MLFLOW_S3_ENDPOINT_URL" not in env:
+        raise ValueError("artifacts in S3 need s3_env['MLFLOW_S3_ENDPOINT_URL'] (and AWS creds)")
+    argv = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", host, "--port", str(port),
+        "--backend-store-uri", backend,
+        "--serve-artifacts", "--artifacts-destination", dest,
+        "--workers", str(workers),
+    ]
+    proc = ManagedProcess(
+        name="mlflow server", argv=argv, log_path=data / "mlflow-server.log",
+        health_url=f"http://{host}:{port}/health",
+        # Server-side telemetry and the tracing/job extras are not needed locally.
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+    )
+    proc.start(timeout=timeout)
+    return MlflowServer(process=proc, host=host, port=port, backend_store_uri=backend,
+                        artifacts_destination=dest, env=env)
