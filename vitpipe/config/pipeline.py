@@ -21,6 +21,7 @@ from .tracking import TrackingConfig
 from .train import TrainConfig
 
 SHARED = ("seed", "model", "data", "tracking")
+STAGE_NAMES = ("shard", "pretrain", "finetune", "evaluate", "register")
 _TARGETS = {
     "pretrain": ("seed", "model", "data", "tracking"),
     "finetune": ("seed", "model", "data", "tracking"),
@@ -39,7 +40,13 @@ def _merge(base: Any, over: Any) -> Any:
 
 
 class LaunchConfig(StrictModel):
-    """How training stages are launched (``accelerate launch`` arguments)."""
+    """How training stages are launched (``accelerate launch`` arguments).
+
+    ``num_processes`` is per machine (GPUs per node); accelerate receives the total.
+    ``max_retries`` is the training flows' retry count: each retry resumes from the newest
+    checkpoint. Under deployments it also bounds how often the pipeline resubmits a stage run
+    whose infrastructure crashed (Prefect does not retry crashes, PITFALLS).
+    """
 
     num_processes: int = Field(1, ge=1)
     num_machines: int = Field(1, ge=1)
@@ -49,6 +56,42 @@ class LaunchConfig(StrictModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False
     max_retries: int = Field(2, ge=0)
+    grace_seconds: float = Field(60.0, gt=0)  # SIGTERM -> checkpoint -> exit, before SIGKILL
+
+    @model_validator(mode="after")
+    def _rank(self) -> LaunchConfig:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(
+                f"launch.machine_rank={self.machine_rank} must be < "
+                f"launch.num_machines={self.num_machines}"
+            )
+        return self
+
+
+class OrchestrationConfig(StrictModel):
+    """How the pipeline flow runs its stages: one switch, one code path.
+
+    ``auto``: when the pipeline itself runs from a deployment and the stage deployments
+    ``<stage>/<deployment>`` exist, each stage is its own flow run on its work pool
+    (``run_deployment``); otherwise stages run in-process as subflows (the embedded default).
+    """
+
+    stages: Literal["auto", "subflows", "deployments"] = "auto"
+    deployment: str | None = None  # stage deployment name; None: the pipeline's own
+    job_variables: dict[str, dict[str, Any]] = {}  # per stage, e.g. {finetune: {gpus: 8}}
+    poll_seconds: float = Field(2.0, gt=0)
+    stage_timeout_seconds: float | None = Field(None, gt=0)
+    weights_via: Literal["path", "mlflow"] = "path"  # mlflow: runs:/<id>/weights/<file>
+
+    @model_validator(mode="after")
+    def _stages(self) -> OrchestrationConfig:
+        unknown = set(self.job_variables) - set(STAGE_NAMES)
+        if unknown:
+            raise ValueError(
+                f"orchestration.job_variables has unknown stage(s) {sorted(unknown)}; "
+                f"stages are {list(STAGE_NAMES)}"
+            )
+        return self
 
 
 class PipelineConfig(StrictModel):
@@ -65,6 +108,7 @@ class PipelineConfig(StrictModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
     launch: LaunchConfig = LaunchConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     work_dir: str = "runs"
 
     @model_validator(mode="before")

@@ -1,0 +1,222 @@
+"""``accelerate launch`` as a child process of a training flow.
+
+The flow process never imports torch: it writes the resolved :class:`TrainConfig` to a file,
+starts ``accelerate launch -m vitpipe.cli train --config <file>`` in its own process group,
+streams every output line into the flow run's logs, and turns a non-zero exit into a
+:class:`TrainingError` that quotes the child's own error. When the flow process is told to stop
+(Prefect cancellation raises in the main thread, SIGTERM, Ctrl-C) it forwards SIGTERM to the
+whole child tree so the trainer can checkpoint within ``grace`` seconds (PITFALLS: SIGTERM kills
+before ``on_cancellation`` hooks run), then SIGKILLs what is left.
+
+Multi-node (Kubernetes indexed Job): rank 0 runs the flow; every other pod runs
+``python -m flows.launch follow``, which reads the same flow run's parameters from the Prefect
+API and joins the rendezvous with ``machine_rank`` from ``JOB_COMPLETION_INDEX``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vitpipe.config import LaunchConfig, TrainConfig
+from vitpipe.errors import TrainingError
+
+TAIL_LINES = 40
+_ERROR_LINE = re.compile(r"^(vitpipe \w+:|[A-Za-z_.]*(Error|Exception|Interrupt)\b)")
+
+
+def launch_env_overrides(launch: LaunchConfig,
+                         environ: dict[str, str] | None = None) -> LaunchConfig:
+    """Fill per-machine fields from the environment (set by the multi-node job template).
+
+    ``VITPIPE_MACHINE_RANK``, ``VITPIPE_MAIN_PROCESS_IP``, ``VITPIPE_MAIN_PROCESS_PORT`` and
+    ``VITPIPE_NUM_MACHINES`` win over the config, because only the pod knows its own index.
+    """
+    env = os.environ if environ is None else environ
+    upd: dict[str, Any] = {}
+    for key, field in (("VITPIPE_MACHINE_RANK", "machine_rank"),
+                       ("VITPIPE_NUM_MACHINES", "num_machines"),
+                       ("VITPIPE_MAIN_PROCESS_PORT", "main_process_port")):
+        if env.get(key):
+            upd[field] = int(env[key])
+    if env.get("VITPIPE_MAIN_PROCESS_IP"):
+        upd["main_process_ip"] = env["VITPIPE_MAIN_PROCESS_IP"]
+    return launch.model_validate({**launch.model_dump(), **upd}) if upd else launch
+
+
+def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
+                    resume: str | None = None) -> list[str]:
+    """The exact ``accelerate launch`` command for one machine of a training stage."""
+    argv = [sys.executable, "-m", "accelerate.commands.launch",
+            "--num_processes", str(launch.num_processes * launch.num_machines),
+            "--num_machines", str(launch.num_machines),
+            "--mixed_precision", launch.mixed_precision,
+            "--dynamo_backend", "no"]
+    if launch.cpu:
+        argv.append("--cpu")
+    elif launch.num_processes * launch.num_machines > 1:
+        argv.append("--multi_gpu")
+    if launch.num_machines > 1:
+        if not launch.main_process_ip:
+            raise TrainingError(
+                "launch.num_machines > 1 needs launch.main_process_ip (or VITPIPE_MAIN_PROCESS_IP)"
+                " so every machine finds rank 0"
+            )
+        argv += ["--machine_rank", str(launch.machine_rank),
+                 "--main_process_ip", launch.main_process_ip,
+                 "--main_process_port", str(launch.main_process_port or 29500),
+                 "--rdzv_backend", "static"]
+    elif launch.main_process_port:
+        argv += ["--main_process_port", str(launch.main_process_port)]
+    argv += ["--module", "vitpipe.cli", "train", "--config", str(config_path)]
+    if resume is not None:
+        argv += ["--resume", resume]
+    return argv
+
+
+def _signal_tree(root_pid: int, sig: int) -> None:
+    """Send ``sig`` to ``root_pid`` and all its descendants (accelerate does not forward)."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in reversed(procs):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            p.send_signal(sig)
+
+
+def _parse_result(lines: deque[str]) -> dict[str, Any] | None:
+    """The trainer's result: the last stdout line that is a JSON object (``vitpipe train``)."""
+    for line in reversed(lines):
+        s = line.strip()
+        if s.startswith("{") and s.endswith("}"):
+            with contextlib.suppress(json.JSONDecodeError):
+                obj = json.loads(s)
+                if isinstance(obj, dict):
+                    return obj
+    return None
+
+
+def describe_failure(returncode: int, tail: list[str]) -> str:
+    """One readable message: how the child ended, its own error line, and its last lines."""
+    if returncode < 0:
+        how = f"was killed by {signal.Signals(-returncode).name}"
+    else:
+        how = f"exited with status {returncode}"
+    errors = [ln for ln in tail if _ERROR_LINE.match(ln.strip())]
+    cause = f": {errors[-1].strip()}" if errors else ""
+    shown = "\n".join(tail[-15:])
+    return f"training process {how}{cause}\n--- last lines of its output ---\n{shown}"
+
+
+def run_training_process(
+    cfg: TrainConfig,
+    launch: LaunchConfig,
+    log: Callable[[str], None] | logging.Logger,
+    resume: str | None = None,
+    env: dict[str, str] | None = None,
+    grace: float = 60.0,
+    on_start: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run one training stage under ``accelerate launch`` and return the trainer's result dict."""
+    emit = log.info if isinstance(log, logging.Logger) else log
+    launch = launch_env_overrides(launch)
+    with tempfile.TemporaryDirectory(prefix="vitpipe-launch-") as tmp:
+        cfg_path = Path(tmp) / "train_config.json"
+        cfg_path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        argv = accelerate_argv(launch, cfg_path, resume)
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env or {})}
+        emit("launching: " + " ".join(argv))
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=child_env, text=True, bufsize=1, errors="replace")
+        if on_start:
+            on_start(proc.pid)
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                if line.strip():
+                    emit(line)
+            proc.wait()
+        except BaseException:
+            # Cancellation / SIGTERM / Ctrl-C reached the flow: let the trainer checkpoint.
+            emit(f"stopping training process {proc.pid}: SIGTERM, {grace:.0f}s to checkpoint")
+            _signal_tree(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_tree(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            raise
+        finally:
+            if proc.poll() is None:
+                _signal_tree(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    if proc.returncode != 0:
+        raise TrainingError(describe_failure(proc.returncode, list(tail)))
+    result = _parse_result(tail)
+    if result is None:
+        raise TrainingError(
+            "training process exited 0 but printed no result JSON (expected `vitpipe train` to"
+            " print {run_id, weights, ...} as its last line)\n" + "\n".join(list(tail)[-10:])
+        )
+    return result
+
+
+def follow(poll: float = 5.0) -> int:
+    """Non-zero ranks of a multi-node stage: join each attempt of rank 0 until the run ends.
+
+    Reads the flow run (``PREFECT__FLOW_RUN_ID``) parameters from the Prefect API, so every
+    machine trains with exactly the config rank 0 received.
+    """
+    from prefect.client.orchestration import get_client
+
+    run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if not run_id:
+        print("flows.launch follow: PREFECT__FLOW_RUN_ID is not set", file=sys.stderr)
+        return 2
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                print(f"flow run {run_id} is {run.state.name}; follower done")
+                return 0 if run.state.is_completed() else 1
+            params = run.parameters
+            cfg = TrainConfig.model_validate(params["config"])
+            launch = LaunchConfig.model_validate(params.get("launch") or {})
+            try:
+                run_training_process(cfg, launch, print, resume="auto")
+                done = True
+            except TrainingError as err:
+                print(f"follower attempt ended: {err}", file=sys.stderr)
+                done = False
+            while done:  # trained: only wait for rank 0 to finish the run, never relaunch
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    return 0 if run.state.is_completed() else 1
+                time.sleep(poll)
+            time.sleep(poll)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["follow"]:
+        sys.exit(follow())
+    print("usage: python -m flows.launch follow", file=sys.stderr)
+    sys.exit(2)

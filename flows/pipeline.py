@@ -1,0 +1,352 @@
+"""The ``pipeline`` flow: shard -> [pretrain] -> finetune -> evaluate -> register.
+
+One code path, one switch (``orchestration.stages``): each stage is either an in-process subflow
+(the embedded default: ``make run``, no server) or its own flow run of the deployment
+``<stage>/<name>`` on its work pool, started with ``run_deployment``. Only small things cross
+stage boundaries: the manifest URI, MLflow run ids, weights URIs, the model version.
+
+``python -m flows.pipeline --config configs/fmnist_cpu.yaml [a.b=c ...]`` runs it in Prefect's
+ephemeral mode and ends with where to look and how to serve the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_client, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.runtime import deployment as current_deployment
+from prefect.states import Cancelling
+
+from vitpipe.config import ConfigError, PipelineConfig, apply_overrides, read_yaml, validate
+from vitpipe.config.pipeline import STAGE_NAMES
+from vitpipe.errors import VitpipeError
+
+from . import links
+from .stages import STAGE_FLOWS, TRAINING_STAGES
+
+
+class StageFailed(VitpipeError):
+    """A stage's flow run ended in a non-Completed state; the pipeline stops with its message."""
+
+
+def resolve_config(config: PipelineConfig | None, preset: str | None,
+                   overrides: list[str] | None) -> PipelineConfig:
+    """Preset YAML (or the ``config`` parameter) + dotted overrides -> a validated config."""
+    if config is not None and preset:
+        raise ConfigError("give either 'config' or 'preset', not both")
+    if preset:
+        data, source = read_yaml(preset), preset
+    elif config is not None:
+        data, source = config.model_dump(mode="json"), "parameter 'config'"
+    else:
+        data, source = {}, "defaults"
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source += " + overrides"
+    return validate(PipelineConfig, data, source)
+
+
+# ----------------------------------------------------------------------------- stage runner
+class StageRunner:
+    """Runs one stage as a subflow or as a deployment's flow run, and returns its result."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.log = get_run_logger()
+        orch = cfg.orchestration
+        self.deployment = orch.deployment or current_deployment.get_name()
+        self.mode = self._choose(orch.stages)
+        self.timings: dict[str, dict[str, float]] = {}
+
+    def _choose(self, wanted: str) -> str:
+        if wanted == "subflows":
+            return "subflows"
+        if wanted == "deployments" and not self.deployment:
+            raise ConfigError("orchestration.stages=deployments needs orchestration.deployment"
+                              " (the stage deployments' name, e.g. 'process')")
+        names = [f"{STAGE_FLOWS[s].name}/{self.deployment}" for s in self._stages()]
+        if wanted == "auto" and (current_deployment.get_id() is None or not self.deployment):
+            self.log.info("stages run in-process as subflows (pipeline not run from a deployment)")
+            return "subflows"
+        missing = self._missing(names)
+        if missing and wanted == "auto" and len(missing) == len(names):
+            self.log.info("no stage deployments named '%s': stages run as subflows",
+                          self.deployment)
+            return "subflows"
+        if missing:
+            raise StageFailed(
+                f"stage deployment(s) not found: {', '.join(missing)}. Deploy them with "
+                "`prefect deploy --all` (see prefect.yaml) or set orchestration.stages=subflows"
+            )
+        self.log.info("stages run as deployments: %s", ", ".join(names))
+        return "deployments"
+
+    def _stages(self) -> list[str]:
+        return [s for s in STAGE_NAMES if s != "pretrain" or self.cfg.pretrain is not None]
+
+    @staticmethod
+    def _missing(names: list[str]) -> list[str]:
+        missing = []
+        with get_client(sync_client=True) as client:
+            for name in names:
+                try:
+                    client.read_deployment_by_name(name)
+                except Exception:  # noqa: BLE001 - ObjectNotFound or a 404 of any kind
+                    missing.append(name)
+        return missing
+
+    def run(self, stage: str, **params: Any) -> dict[str, Any]:
+        t0 = time.monotonic()
+        if self.mode == "subflows":
+            fn = STAGE_FLOWS[stage]
+            if stage in TRAINING_STAGES:
+                fn = fn.with_options(retries=self.cfg.launch.max_retries)
+            result = fn(**params)
+        else:
+            result = self._run_deployment(stage, params)
+        wall = time.monotonic() - t0
+        self.timings[stage] = {"wall": round(wall, 3), "own": float(result.get("seconds", 0))}
+        self.log.info("stage %s done in %.1fs (its own work %.1fs)", stage, wall,
+                      self.timings[stage]["own"])
+        return result
+
+    def _run_deployment(self, stage: str, params: dict[str, Any]) -> dict[str, Any]:
+        name = f"{STAGE_FLOWS[stage].name}/{self.deployment}"
+        payload = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v
+                   for k, v in params.items()}
+        job_vars = self.cfg.orchestration.job_variables.get(stage) or None
+        # Crashed (infrastructure died, pod evicted) is not retried by Prefect's flow retries:
+        # resubmit; training resumes from its newest checkpoint.
+        resubmits = self.cfg.launch.max_retries if stage in TRAINING_STAGES else 1
+        for attempt in range(resubmits + 1):
+            child = run_deployment(name, parameters=payload, timeout=0, job_variables=job_vars,
+                                   as_subflow=True)
+            self.log.info("stage %s: flow run %s (%s) submitted to %s", stage, child.name,
+                          child.id, name)
+            final = self._wait(child)
+            state = final.state
+            if state is not None and state.is_completed():
+                return self._result(stage, final)
+            msg = state.message if state else "no state"
+            if state is not None and state.is_crashed() and attempt < resubmits:
+                self.log.warning("stage %s crashed (%s); resubmitting (%d/%d)", stage, msg,
+                                 attempt + 1, resubmits)
+                continue
+            raise StageFailed(f"stage {stage} (flow run {final.name}, {final.id}) ended "
+                              f"{state.name if state else 'without a state'}: {msg}")
+        raise AssertionError("unreachable")
+
+    def _wait(self, child: FlowRun) -> FlowRun:
+        """Poll the child until it is final; if this flow is stopped, cancel the child too."""
+        timeout = self.cfg.orchestration.stage_timeout_seconds
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = self.cfg.orchestration.poll_seconds
+        try:
+            with get_client(sync_client=True) as client:
+                while True:
+                    run = client.read_flow_run(child.id)
+                    if run.state is not None and run.state.is_final():
+                        return run
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise StageFailed(f"flow run {child.name} not finished after "
+                                          f"{timeout:.0f}s (orchestration.stage_timeout_seconds)")
+                    time.sleep(poll)
+        except BaseException:
+            # PITFALLS: an un-awaited child outlives a cancelled parent.
+            with get_client(sync_client=True) as client:
+                run = client.read_flow_run(child.id)
+                if run.state is None or not run.state.is_final():
+                    self.log.warning("cancelling stage flow run %s", child.id)
+                    client.set_flow_run_state(child.id, Cancelling(), force=True)
+            raise
+
+    def _result(self, stage: str, run: FlowRun) -> dict[str, Any]:
+        try:
+            value = run.state.result(raise_on_failure=True)  # type: ignore[union-attr]
+        except Exception as err:  # noqa: BLE001 - turn any retrieval failure into advice
+            raise StageFailed(
+                f"stage {stage} completed but its result could not be read ({err}). Parent and"
+                " stage runs must share result storage: the same PREFECT_LOCAL_STORAGE_PATH"
+                " (shared volume) or PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"
+            ) from err
+        if hasattr(value, "__await__"):
+            raise StageFailed(f"stage {stage}: result read returned a coroutine")
+        if not isinstance(value, dict):
+            raise StageFailed(f"stage {stage}: expected a dict result, got {type(value).__name__}")
+        return value
+
+
+# ---------------------------------------------------------------------------------- flow
+def _weights_ref(res: dict[str, Any], how: str) -> str:
+    """How a later stage should find ``res``'s weights: a path, or the run's MLflow artifact."""
+    if how == "mlflow" and res.get("run_id"):
+        return f"runs:/{res['run_id']}/weights/{Path(str(res['weights'])).name}"
+    return str(res["weights"])
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    config: PipelineConfig | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate and register a ViT; each stage is its own (sub)flow run.
+
+    ``preset``: a pipeline YAML (e.g. configs/fmnist_cpu.yaml) or ``config``: the full typed
+    config; ``overrides``: dotted ``key=value`` strings applied on top (validated, with the key
+    named on error).
+    """
+    cfg = resolve_config(config, preset, overrides)
+    log = get_run_logger()
+    t0 = time.monotonic()
+    runner = StageRunner(cfg)
+    how = cfg.orchestration.weights_via
+
+    shard_res = runner.run("shard", config=cfg.shard)
+    manifest = shard_res["manifest_uri"]
+
+    pre = None
+    if cfg.pretrain is not None:
+        pre_cfg = cfg.pretrain.model_copy(deep=True)
+        pre_cfg.data.manifest = manifest
+        pre = runner.run("pretrain", config=pre_cfg, launch=cfg.launch)
+
+    ft_cfg = cfg.finetune.model_copy(deep=True)
+    ft_cfg.data.manifest = manifest
+    if pre is not None and ft_cfg.mode == "finetune":
+        ft_cfg.init = _weights_ref(pre, how)
+    ft = runner.run("finetune", config=ft_cfg, launch=cfg.launch)
+
+    ev_cfg = cfg.evaluate.model_copy(deep=True)
+    ev_cfg.data.manifest = manifest
+    ev_cfg.weights = _weights_ref(ft, how)
+    ev_cfg.run_id = ft["run_id"]
+    ev = runner.run("evaluate", config=ev_cfg)
+
+    reg_cfg = cfg.register.model_copy(deep=True)
+    reg_cfg.run_id = ft["run_id"]
+    reg = runner.run("register", config=reg_cfg)
+
+    wall = time.monotonic() - t0
+    own = sum(t["own"] for t in runner.timings.values())
+    summary = {
+        "name": cfg.name,
+        "stages_ran_as": runner.mode,
+        "manifest_uri": manifest,
+        "shard_cached": shard_res.get("cached"),
+        "pretrain_run_id": pre["run_id"] if pre else None,
+        "finetune_run_id": ft["run_id"],
+        "metrics": ev["metrics"],
+        "per_class": ev.get("per_class", {}),
+        "plots": ev.get("artifacts", {}),
+        "model_name": reg["model_name"],
+        "model_version": reg["version"],
+        "model_uri": reg["model_uri"],
+        "promoted": reg["promoted"],
+        "decision": reg.get("decision", {}),
+        "tracking_uri": links.tracking_uri(cfg.register.tracking),
+        "timings": runner.timings,
+        "wall_seconds": round(wall, 3),
+        "stage_seconds": round(own, 3),
+        "overhead_seconds": round(wall - own, 3),
+    }
+    _publish(cfg, summary)
+    log.info("pipeline %s finished in %.1fs; stages' own work %.1fs; overhead %.1fs",
+             cfg.name, wall, own, wall - own)
+    return summary
+
+
+def _publish(cfg: PipelineConfig, s: dict[str, Any]) -> None:
+    """The pipeline's artifacts: a markdown summary and a per-class accuracy table."""
+    tr = cfg.register.tracking
+    metric = cfg.register.metric
+    mv = links.model_version_link(tr, s["model_name"], s["model_version"])
+    lines = [
+        f"# vitpipe pipeline `{cfg.name}`", "",
+        f"- **{metric}: {s['metrics'].get(metric, float('nan')):.4f}**",
+        f"- model version: {mv} (`{s['model_uri']}`)",
+        f"- promotion: **{'promoted to champion' if s['promoted'] else 'not promoted'}**"
+        f" - {s['decision'].get('reason', '')}",
+        f"- fine-tune run: {links.run_link(tr, s['finetune_run_id'])}",
+    ]
+    if s["pretrain_run_id"]:
+        lines.append(f"- pretrain run: {links.run_link(tr, s['pretrain_run_id'])}")
+    lines += [
+        f"- shards: `{s['manifest_uri']}`" + (" (cached)" if s["shard_cached"] else ""),
+        f"- stages ran as {s['stages_ran_as']}; wall {s['wall_seconds']:.1f}s, stages' own "
+        f"{s['stage_seconds']:.1f}s, orchestration overhead {s['overhead_seconds']:.1f}s",
+        "", "| metric | value |", "|---|---|",
+        *[f"| {k} | {v:.4g} |" for k, v in sorted(s["metrics"].items())],
+        "", "| stage | wall s | own s |", "|---|---|---|",
+        *[f"| {k} | {v['wall']:.1f} | {v['own']:.1f} |" for k, v in s["timings"].items()],
+    ]
+    create_markdown_artifact(markdown="\n".join(lines), key="pipeline-summary",
+                             description=f"pipeline {cfg.name}: metrics, links, promotion")
+    if s["per_class"]:
+        create_table_artifact(
+            table=[{"class": c, "accuracy": round(a, 4)} for c, a in s["per_class"].items()],
+            key="pipeline-per-class-accuracy", description="per-class accuracy")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def summary_text(s: dict[str, Any], metric: str) -> str:
+    """What `make run` prints last: the score, the plots, the model, and what to run next."""
+    uri = s["tracking_uri"]
+    alias_uri = f"models:/{s['model_name']}@champion"
+    served = alias_uri if s["promoted"] else s["model_uri"]
+    plots = "\n".join(f"    {k}: {v}" for k, v in s["plots"].items()) or "    (none)"
+    ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else
+          f"open {uri}")
+    return f"""
+== vitpipe: {s['name']} done ==
+{metric}: {s['metrics'].get(metric, float('nan')):.4f}
+model: {s['model_uri']} ({'champion' if s['promoted'] else 'not promoted'}: \
+{s['decision'].get('reason', '')})
+plots:
+{plots}
+timing: wall {s['wall_seconds']:.1f}s, stages {s['stage_seconds']:.1f}s, \
+overhead {s['overhead_seconds']:.1f}s
+
+serve:   MLFLOW_TRACKING_URI={uri} mlflow models serve -m {served} --env-manager local -p 5001
+predict: MLFLOW_TRACKING_URI={uri} vitpipe predict {served} img.png
+look:    {ui}
+         prefect server start   # then http://127.0.0.1:4200 (runs, logs, artifacts)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.pipeline",
+                                description="Run the vitpipe pipeline flow (ephemeral Prefect).")
+    p.add_argument("--config", "-c", help="pipeline preset YAML, e.g. configs/fmnist_cpu.yaml")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.train.epochs=1")
+    args = p.parse_args(argv)
+    try:
+        resolve_config(None, args.config, args.overrides)  # fail before Prefect starts
+        summary = pipeline(preset=args.config, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"config error:\n{err}", file=sys.stderr)
+        return 2
+    except VitpipeError as err:
+        print(f"pipeline failed: {err}", file=sys.stderr)
+        return 1
+    cfg = resolve_config(None, args.config, args.overrides)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(summary_text(summary, cfg.register.metric))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    sys.exit(main())

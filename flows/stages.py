@@ -1,0 +1,252 @@
+"""One Prefect flow per stage, each a thin call into one vitpipe entry point.
+
+Parameters are the stage's typed config (the Prefect UI renders its JSON schema and the server
+validates deployment parameters against it); results are small JSON dicts (URIs, MLflow run
+ids, model versions, metrics), persisted as JSON so a parent pipeline started through
+``run_deployment`` can read them (PITFALLS: a child's return value needs persisted results).
+Each flow publishes its own artifact and reports ``seconds``, its own wall time, so the
+pipeline can measure orchestration overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+from prefect.runtime import flow_run
+
+from vitpipe.config import EvaluateConfig, LaunchConfig, RegisterConfig, ShardConfig, TrainConfig
+
+from . import links
+from .launch import run_training_process
+
+# Results are tiny dicts: JSON keeps them readable by any process and any Prefect version.
+RESULTS = {"persist_result": True, "result_serializer": "json"}
+TRAIN_RETRIES = int(os.environ.get("VITPIPE_TRAIN_RETRIES", LaunchConfig().max_retries))
+TRAIN_RETRY_DELAY = float(os.environ.get("VITPIPE_TRAIN_RETRY_DELAY", "5"))
+
+
+@contextlib.contextmanager
+def library_logs() -> Iterator[logging.Logger]:
+    """Forward the ``vitpipe`` library's log records into this flow run's logs."""
+    run_logger = get_run_logger()
+    lib = logging.getLogger("vitpipe")
+
+    class _Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            run_logger.log(record.levelno, "%s: %s", record.name, record.getMessage())
+
+    handler = _Forward(logging.INFO)
+    old_level = lib.level
+    lib.addHandler(handler)
+    if lib.getEffectiveLevel() > logging.INFO:
+        lib.setLevel(logging.INFO)
+    try:
+        yield run_logger  # type: ignore[misc]
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(old_level)
+
+
+def _key(*parts: str) -> str:
+    """An artifact key (lowercase letters, digits, dashes)."""
+    raw = "-".join(parts).lower()
+    return "".join(c if c.isalnum() else "-" for c in raw).strip("-")[:100]
+
+
+def _manifest_fingerprint(uri: str, cfg: ShardConfig) -> str | None:
+    """The manifest's bytes as written (None when absent), to tell reuse from a rebuild."""
+    from vitpipe import storage
+
+    try:
+        return storage.read_bytes(uri, s3=cfg.s3).hex()
+    except Exception:  # noqa: BLE001 - absent or unreadable: not a cache hit
+        return None
+
+
+# ---------------------------------------------------------------------------------- shard
+@flow(name="shard", **RESULTS)
+def shard(config: ShardConfig) -> dict[str, Any]:
+    """Source -> WebDataset shards + manifest; unchanged source+config reuses the manifest."""
+    from vitpipe.data import read_manifest
+    from vitpipe.data import shard as shard_dataset
+
+    t0 = time.monotonic()
+    with library_logs() as log:
+        manifest_uri = f"{config.output.rstrip('/')}/manifest.json"
+        before = None if config.overwrite else _manifest_fingerprint(manifest_uri, config)
+        manifest_uri = shard_dataset(config)
+        after = _manifest_fingerprint(manifest_uri, config)
+        cached = before is not None and before == after
+        m = read_manifest(manifest_uri, config.s3)
+        counts = {name: s.count for name, s in m.splits.items()}
+        log.info("%s manifest %s (digest %s): %s", "reused cached" if cached else "wrote",
+                 manifest_uri, m.digest, counts)
+    rows = [{"split": n, "samples": s.count, "shards": len(s.shards),
+             "bytes": sum(x.bytes for x in s.shards)} for n, s in m.splits.items()]
+    create_markdown_artifact(
+        key=_key("shard-manifest"),
+        description="Shard manifest summary",
+        markdown=(
+            f"## Shards {'(cached: source and config unchanged)' if cached else '(written)'}\n\n"
+            f"- manifest: `{manifest_uri}`\n- digest: `{m.digest}`\n"
+            f"- classes ({len(m.classes)}): {', '.join(map(str, m.classes))}\n"
+            f"- image: {m.image_size} x {m.channels} channel(s)\n\n"
+            "| split | samples | shards | bytes |\n|---|---|---|---|\n"
+            + "".join(f"| {r['split']} | {r['samples']} | {r['shards']} | {r['bytes']} |\n"
+                      for r in rows)
+        ),
+    )
+    return {"manifest_uri": manifest_uri, "digest": m.digest, "cached": cached,
+            "counts": counts, "seconds": round(time.monotonic() - t0, 3)}
+
+
+# ------------------------------------------------------------------------------- training
+def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[str, Any]:
+    """Launch the trainer as a child; on a retry, resume from the newest checkpoint."""
+    t0 = time.monotonic()
+    log = get_run_logger()
+    attempt = flow_run.get_run_count() or 1
+    resume = None
+    if attempt > 1:
+        resume = "auto"
+        log.warning("attempt %d of %s: resuming from the newest checkpoint in %s",
+                    attempt, stage, config.checkpoint.dir)
+    env = {"VITPIPE_PREFECT_FLOW_RUN_ID": str(flow_run.get_id() or "")}
+    result = run_training_process(config, launch, log, resume=resume, env=env,
+                                  grace=launch.grace_seconds)
+    run_id = result.get("run_id")
+    metrics = {k: v for k, v in (result.get("metrics") or {}).items()
+               if isinstance(v, int | float)}
+    curve = result.get("curve_artifact") or "plots/training_curve.png"
+    url = links.artifact_url(config.tracking, run_id, curve) if run_id else None
+    if url:
+        create_image_artifact(image_url=url, key=_key(stage, "curve"),
+                              description=f"{stage}: training curve (MLflow artifact)")
+    create_markdown_artifact(
+        key=_key(stage, "summary"),
+        description=f"{stage}: training summary",
+        markdown=(
+            f"## {stage} ({config.mode})\n\n- MLflow run: {links.run_link(config.tracking, run_id)}"
+            f"\n- steps: {result.get('steps')}\n- weights: `{result.get('weights')}`"
+            f"\n- checkpoints: `{result.get('checkpoint_dir')}`\n- attempt: {attempt}"
+            + (f"\n- training curve: [{curve}]({url})" if url else
+               f"\n- training curve: MLflow artifact `{curve}` of the run")
+            + "\n\n| metric | value |\n|---|---|\n"
+            + "".join(f"| {k} | {v:.4g} |\n" for k, v in sorted(metrics.items()))
+        ),
+    )
+    return {"run_id": run_id, "weights": result.get("weights"),
+            "checkpoint_dir": result.get("checkpoint_dir"), "steps": result.get("steps"),
+            "metrics": metrics, "attempt": attempt,
+            "resumed_from_step": result.get("resumed_from_step"),
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+@flow(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=TRAIN_RETRY_DELAY, **RESULTS)
+def pretrain(config: TrainConfig, launch: LaunchConfig = LaunchConfig()) -> dict[str, Any]:  # noqa: B008
+    """Self-supervised (MAE) or supervised pretraining under ``accelerate launch``."""
+    return run_training("pretrain", config, launch)
+
+
+@flow(name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=TRAIN_RETRY_DELAY, **RESULTS)
+def finetune(config: TrainConfig, launch: LaunchConfig = LaunchConfig()) -> dict[str, Any]:  # noqa: B008
+    """Fine-tuning (or supervised training) under ``accelerate launch``."""
+    return run_training("finetune", config, launch)
+
+
+# ----------------------------------------------------------------------------- evaluate
+@flow(name="evaluate", **RESULTS)
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Metrics, per-class accuracy and plots for trained weights, logged to the training run."""
+    from vitpipe.evaluate import evaluate as evaluate_weights
+
+    t0 = time.monotonic()
+    with library_logs():
+        result = evaluate_weights(config)
+    metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    per_class = per_class_accuracy(result)
+    artifacts = {k: str(v) for k, v in (result.get("artifacts") or {}).items()}
+    create_markdown_artifact(
+        key=_key("evaluate", config.split),
+        description=f"evaluation on {config.split}",
+        markdown=(
+            f"## Evaluation on `{config.split}`\n\n"
+            f"- MLflow run: {links.run_link(config.tracking, config.run_id)}\n\n"
+            "| metric | value |\n|---|---|\n"
+            + "".join(f"| {k} | {v:.4g} |\n" for k, v in sorted(metrics.items()))
+            + "\n**Plots**\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in artifacts.items())
+        ),
+    )
+    if per_class:
+        create_table_artifact(key=_key("evaluate", config.split, "per-class"),
+                              table=[{"class": c, "accuracy": round(a, 4)}
+                                     for c, a in per_class.items()],
+                              description=f"per-class accuracy on {config.split}")
+    return {"metrics": metrics, "per_class": per_class, "artifacts": artifacts,
+            "split": config.split, "run_id": config.run_id,
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def per_class_accuracy(result: dict[str, Any]) -> dict[str, float]:
+    """``{class: accuracy}`` from an evaluate() result, whatever shape it was given in."""
+    for key in ("per_class_accuracy", "per_class"):
+        val = result.get(key)
+        if isinstance(val, dict):
+            return {str(k): float(v) for k, v in val.items()}
+        if isinstance(val, list):
+            out = {}
+            for i, row in enumerate(val):
+                if isinstance(row, dict):
+                    name = row.get("class") or row.get("name") or str(i)
+                    out[str(name)] = float(row.get("accuracy", row.get("acc", 0.0)))
+                else:
+                    out[str(i)] = float(row)
+            return out
+    return {}
+
+
+# ----------------------------------------------------------------------------- register
+@flow(name="register", **RESULTS)
+def register(config: RegisterConfig) -> dict[str, Any]:
+    """Register the training run's model and let the promotion gate decide on champion."""
+    from vitpipe.registry import register as register_model
+
+    t0 = time.monotonic()
+    with library_logs():
+        result = register_model(config)
+    decision = result.get("decision") or {}
+    title = links.model_version_link(config.tracking, result["model_name"], result.get("version"))
+    create_markdown_artifact(
+        key=_key("register", config.model_name),
+        description="registration and promotion decision",
+        markdown=(
+            f"## {title}\n\n"
+            f"- promoted to champion: **{result.get('promoted')}**\n"
+            f"- reason: {decision.get('reason', '-')}\n"
+            f"- previous champion: {result.get('previous_champion') or 'none'}\n"
+            f"- model URI: `{result.get('model_uri')}`\n"
+        ),
+    )
+    keep = ("model_name", "version", "model_uri", "promoted", "previous_champion", "champion",
+            "run_id")
+    out = {k: result.get(k) for k in keep}
+    out["decision"] = {k: v for k, v in decision.items()
+                       if isinstance(v, str | int | float | bool | dict | type(None))}
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+STAGE_FLOWS = {"shard": shard, "pretrain": pretrain, "finetune": finetune,
+               "evaluate": evaluate, "register": register}
+TRAINING_STAGES = ("pretrain", "finetune")
