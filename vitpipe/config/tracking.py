@@ -15,3 +15,4 @@ class TrackingConfig(StrictModel):
     default_uri: str = "sqlite:///mlflow.db"
     artifact_location: str | None = None  # for a new experiment; default ./mlartifacts
     connect_timeout: float = Field(10.0, gt=0)
+    run_name: str | None = None

@@ -1,10 +1,17 @@
-"""Training stage config: one typed object for supervised, MAE and fine-tune runs."""
+"""Training stage config: one typed object for supervised, MAE and fine-tune runs.
+
+Batch semantics (validated at launch, when the world size is known):
+``data.batch_size`` is the micro-batch of one process for one forward pass. The effective
+(optimizer-step) batch is ``data.batch_size * train.accum_steps * world_size``. Alternatively
+``train.global_batch_size`` fixes the effective batch; it must then be divisible by
+``accum_steps * world_size`` and replaces ``data.batch_size``.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import StrictModel
 from .data import DataConfig
@@ -24,6 +31,7 @@ class OptimConfig(StrictModel):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     accum_steps: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(None, gt=0)  # see module docstring
     clip_grad: float | None = Field(None, gt=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     layer_decay: float | None = Field(None, gt=0, le=1)  # LLRD, for fine-tuning
@@ -33,6 +41,19 @@ class OptimConfig(StrictModel):
     compile: bool = False
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (CPU)
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("train.betas must both be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _ema_export(self) -> OptimConfig:
+        if self.use_ema_for_export and self.ema_decay is None:
+            raise ValueError("train.use_ema_for_export needs train.ema_decay")
+        return self
+
 
 class CheckpointConfig(StrictModel):
     """Where and how often to checkpoint. ``dir`` may be local or s3://."""
@@ -40,7 +61,19 @@ class CheckpointConfig(StrictModel):
     dir: str = "runs/checkpoints"
     every_n_steps: int = Field(500, gt=0)
     keep_last: int = Field(2, ge=1)
-    resume: str | None = "auto"  # "auto": newest in dir; a path/URI; None: start fresh
+    resume: str | None = "auto"  # "auto": newest in dir; a path/URI; None/"none": start fresh
+
+    @field_validator("resume")
+    @classmethod
+    def _none(cls, v: str | None) -> str | None:
+        return None if v is None or v.strip().lower() in ("", "none", "null", "false") else v
+
+
+class DistConfig(StrictModel):
+    """Distributed safety nets: no collective may hang forever (multi-node pitfall)."""
+
+    timeout_s: float = Field(600.0, gt=0)  # process-group timeout: a dead/stuck peer -> error
+    preflight_timeout_s: float = Field(60.0, gt=0)  # first all-reduce must finish within this
 
 
 class TrainConfig(StrictModel):
@@ -54,9 +87,12 @@ class TrainConfig(StrictModel):
     train: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
+    dist: DistConfig = DistConfig()
     init: str | None = None  # finetune source: path, s3://, or runs:/<id>/<path>
     output_dir: str = "runs/train"
     eval_every_epochs: float = Field(1.0, gt=0)
+    log_every_n_steps: int = Field(10, gt=0)
+    progress: bool = True  # tqdm bar on the main process
 
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:

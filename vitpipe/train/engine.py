@@ -1,0 +1,555 @@
+"""The Accelerate training engine: supervised, MAE pretraining and fine-tuning.
+
+One short loop (torchtitan style); everything else is a named helper. The order matters:
+cheap checks first (preflight all-reduce, tracking reachability, batch semantics, manifest,
+model, fine-tune source, resume checkpoint), every rank agreeing on success, then data and steps.
+
+Exactness of resume rests on: the schedule being a function of the step, every RNG restored
+and verified, loader start-up RNG isolated (``fork_rng``), and the data cursor
+(epoch + samples consumed by this rank) fed back through ``make_loader(start_sample=...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError, TrainConfig
+from ..config.base import SECRET_MARKERS
+from ..errors import CheckpointError, TrainingError, VitpipeError
+from ..tracking import Tracker, run_tags, split_digest
+from .checkpoint import CheckpointManager, strip_prefixes
+from .distributed import (
+    StopFlag,
+    fault_injection,
+    is_collective_failure,
+    make_accelerator,
+    preflight,
+)
+from .ema import ModelEma
+from .optim import WarmupCosine, build_optimizer, group_summary, scaled_lr
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM arrived; a checkpoint was written; rerun with ``--resume auto`` to continue."""
+
+
+@dataclass
+class Cursor:
+    """Where training is: optimizer steps overall, epoch, and optimizer steps into the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
+class Plan:
+    """Batch and step arithmetic, derived once and logged."""
+
+    world_size: int
+    micro_batch: int
+    accum_steps: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.accum_steps * self.world_size
+
+
+def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """Per-process forward batch; validates ``train.global_batch_size`` divisibility."""
+    accum, g = cfg.train.accum_steps, cfg.train.global_batch_size
+    if g is None:
+        return cfg.data.batch_size
+    if g % (accum * world_size):
+        raise ConfigError(
+            f"train.global_batch_size={g} is not divisible by train.accum_steps ({accum}) x "
+            f"world size ({world_size}) = {accum * world_size}; pick a multiple of "
+            f"{accum * world_size} or unset it and use data.batch_size (per process)"
+        )
+    return g // (accum * world_size)
+
+
+def _all_ok(acc, fn: Callable[[], Any]) -> Any:
+    """Run a setup step on every rank; if any rank fails, every rank stops with an error."""
+    err: BaseException | None = None
+    out = None
+    try:
+        out = fn()
+    except (VitpipeError, ValueError, TypeError, OSError) as e:
+        err = e
+    if acc.num_processes > 1:
+        flag = torch.tensor([0.0 if err is None else 1.0], device=acc.device)
+        failed = acc.reduce(flag, reduction="max").item() > 0
+        if failed and err is None:
+            raise TrainingError(f"rank {acc.process_index}: another rank failed during setup "
+                                "(its error is in that rank's log)")
+    if err is not None:
+        raise err
+    return out
+
+
+def _loader_kwargs(make_loader: Callable, cfg: TrainConfig) -> dict[str, Any]:
+    """Optional ``make_loader`` keywords this build of vitpipe.data accepts."""
+    params = inspect.signature(make_loader).parameters
+    cand = {
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "max_bad_fraction": cfg.data.max_bad_fraction,
+        "verify_sha256": cfg.data.verify_sha256,
+        "s3": cfg.data.s3,
+    }
+    return {k: v for k, v in cand.items() if k in params}
+
+
+def _batches(loader: Any, n: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly ``n`` batches; the loader's start-up (worker seeds) runs under a forked,
+    deterministically seeded RNG so it never shifts the training RNG (exact resume)."""
+    if n <= 0:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        it = iter(loader)
+        first = next(it, None)
+    if first is None:
+        raise TrainingError("the training loader yielded no batch")
+    yield first
+    for i in range(1, n):
+        try:
+            yield next(it)
+        except StopIteration:
+            raise TrainingError(f"the training loader ended after {i} batches; "
+                                f"len(loader) promised {n}") from None
+
+
+def _redact(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: ("<redacted>" if any(m in k.lower() for m in SECRET_MARKERS) and v else
+                    _redact(v)) for k, v in data.items()}
+    return data
+
+
+def _manifest_dict(manifest: Any) -> dict[str, Any]:
+    if hasattr(manifest, "model_dump"):
+        return manifest.model_dump(mode="json")
+    if hasattr(manifest, "to_dict"):
+        return manifest.to_dict()
+    try:
+        return asdict(manifest)
+    except TypeError:
+        return dict(vars(manifest))
+
+
+def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    from ..models import build_from_config, build_mae
+
+    if cfg.mode == "mae":
+        return build_mae(cfg.model, cfg.mae)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the manifest has "
+                          f"{num_classes} classes; drop model.num_classes or fix it")
+    return build_from_config(cfg.model.model_copy(update={"num_classes": num_classes}))
+
+
+@torch.no_grad()
+def top1(acc, model: torch.nn.Module, loader: Any) -> float:
+    """Top-1 over a padded eval loader (labels < 0 dropped), summed over ranks."""
+    was = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    for x, y in loader:
+        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+        keep = y >= 0
+        with acc.autocast():
+            pred = model(x).argmax(-1)
+        counts[0] += (pred[keep] == y[keep]).sum()
+        counts[1] += keep.sum()
+    model.train(was)
+    counts = acc.reduce(counts, reduction="sum")
+    return float(counts[0] / counts[1].clamp_min(1))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training stage; returns ``run_id, weights, checkpoint_dir, steps, metrics``."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    acc = make_accelerator(cfg)
+    try:
+        return _train(cfg, acc)
+    finally:
+        _shutdown(acc)
+
+
+def _shutdown(acc) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    with contextlib.suppress(Exception):  # a dead peer can make teardown fail; exit anyway
+        acc.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    from ..data import make_loader, read_manifest
+    from ..data.transforms import build_eval_transform, build_mix, build_train_transform
+
+    preflight(acc, cfg.dist.preflight_timeout_s)
+    tracker = Tracker(cfg.tracking, active=acc.is_main_process)
+    _all_ok(acc, tracker.check)
+    micro = _all_ok(acc, lambda: micro_batch_size(cfg, acc.num_processes))
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest is not set (the shard stage's manifest.json URI)")
+    manifest = _all_ok(acc, lambda: read_manifest(cfg.data.manifest, cfg.data.s3))
+    if "train" not in manifest.splits:
+        raise ConfigError(f"manifest {cfg.data.manifest} has no 'train' split "
+                          f"(splits: {sorted(manifest.splits)})")
+    num_classes = len(manifest.classes)
+    out_dir = Path(cfg.output_dir)
+    if acc.is_local_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- model, fine-tune source, optimizer --------------------------------------------
+    set_seed(cfg.seed)
+    model = _all_ok(acc, lambda: _build_model(cfg, num_classes))
+    if cfg.mode == "finetune":
+        from .pretrained import load_init
+
+        report = _all_ok(acc, lambda: load_init(model, cfg.init, out_dir / ".init_cache",
+                                                  cfg.data.s3, tracker.uri))
+        acc.print(f"fine-tune init from {cfg.init}: {report}")
+    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    layer_decay = cfg.train.layer_decay if cfg.mode != "mae" else None
+    optimizer = build_optimizer(model, cfg.train, layer_decay)
+
+    # ---- data plan ------------------------------------------------------------------------
+    img_size = cfg.data.augment.img_size or (model.encoder.img_size if cfg.mode == "mae"
+                                             else model.img_size)
+    train_tf = build_train_transform(cfg.data.augment, manifest, img_size)
+    extra = _loader_kwargs(make_loader, cfg)
+    rank, world = acc.process_index, acc.num_processes
+
+    def train_loader(epoch: int, start_sample: int = 0):
+        return make_loader(cfg.data.manifest, "train", micro, rank=rank, world_size=world,
+                           num_workers=cfg.data.num_workers, epoch=epoch, transform=train_tf,
+                           seed=cfg.seed, train=True, start_sample=start_sample, **extra)
+
+    batches_per_epoch = len(train_loader(0))
+    steps_per_epoch = batches_per_epoch // cfg.train.accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the train split gives {batches_per_epoch} batches of {micro} per rank "
+            f"({world} ranks): fewer than train.accum_steps={cfg.train.accum_steps}; "
+            "lower data.batch_size or accum_steps"
+        )
+    total = math.ceil(cfg.train.epochs * steps_per_epoch)
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    plan = Plan(world, micro, cfg.train.accum_steps, steps_per_epoch, total,
+                min(total, round(cfg.train.warmup_epochs * steps_per_epoch)), 0.0)
+    plan.lr = scaled_lr(cfg.train, plan.effective_batch)
+    scheduler = WarmupCosine(optimizer, plan.lr, cfg.train.min_lr, plan.warmup_steps, total)
+    val_loader = None
+    if cfg.mode != "mae" and "val" in manifest.splits:
+        eval_tf = build_eval_transform(cfg.data.augment, manifest, img_size)
+        val_loader = make_loader(cfg.data.manifest, "val", cfg.data.eval_batch_size, rank=rank,
+                                 world_size=world, num_workers=cfg.data.num_workers,
+                                 transform=eval_tf, seed=cfg.seed, train=False, **extra)
+    mix = build_mix(cfg.data.augment, num_classes) if cfg.mode != "mae" else None
+
+    # ---- accelerate ---------------------------------------------------------------------------
+    model, optimizer = acc.prepare(model, optimizer)
+    if ema is not None:
+        ema.module.to(acc.device)
+    ckpt = CheckpointManager(acc, cfg.checkpoint.dir, cfg.checkpoint.keep_last,
+                             out_dir / ".ckpt_staging", cfg.data.s3)
+    cursor, run_id = Cursor(), None
+    resume_from = _all_ok(acc, lambda: ckpt.resolve(cfg.checkpoint.resume))
+    if resume_from:
+        state = _all_ok(acc, lambda: ckpt.load(resume_from, model, ema))
+        _check_compatible(state, cfg, plan, resume_from)
+        cursor = Cursor(**state["cursor"])
+        scheduler.load_state_dict(state["scheduler"])
+        _check_optimizer_step(optimizer, cursor.step, cfg, resume_from)
+        run_id = state.get("mlflow_run_id")
+        acc.print(f"resumed from {resume_from} at step {cursor.step} (epoch {cursor.epoch}, "
+                  f"{cursor.batch_in_epoch} steps in)")
+    else:
+        set_seed(cfg.seed + rank)  # per-rank randomness (drop path, masks, mixup)
+
+    # ---- tracking ---------------------------------------------------------------------------
+    tags = run_tags(cfg.mode, world) | {
+        "vitpipe.dataset_digest": split_digest(manifest, "train"),
+        "vitpipe.checkpoint_dir": cfg.checkpoint.dir,
+    }
+    if acc.is_main_process:
+        run_id = _open_run(tracker, run_id, tags, cfg)
+        if not resume_from:
+            _log_run_inputs(tracker, cfg, manifest, plan)
+    run_id = broadcast_object_list([run_id])[0] if world > 1 else run_id
+    acc.print(f"plan: {json.dumps(asdict(plan) | {'effective_batch': plan.effective_batch})}")
+    for line in group_summary(optimizer.param_groups):
+        acc.print(f"  param group {line}")
+
+    stop = StopFlag()
+    stop.install()
+    status = "FAILED"
+    try:
+        metrics = _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader,
+                        val_loader, plan, cursor, ckpt, tracker, stop, run_id)
+        status = "FINISHED"
+    except TrainingInterrupted:
+        status = "KILLED"
+        raise
+    except RuntimeError as err:
+        if world > 1 and is_collective_failure(err):
+            raise TrainingError(
+                f"rank {rank}: a collective failed at step {cursor.step}: a peer process died "
+                f"or stalled (process-group timeout {cfg.dist.timeout_s:g}s). "
+                f"Resume from the last checkpoint with --resume auto. Cause: {err}"
+            ) from None
+        raise
+    finally:
+        stop.restore()
+        if status != "FINISHED":
+            tracker.end(status)
+    weights = _export(cfg, acc, model, ema, out_dir, tracker, manifest)
+    tracker.end("FINISHED")
+    return {"run_id": run_id, "weights": str(weights), "checkpoint_dir": cfg.checkpoint.dir,
+            "checkpoint": ckpt.latest() if acc.is_main_process else None,
+            "steps": cursor.step, "metrics": metrics}
+
+
+def _open_run(tracker: Tracker, run_id: str | None, tags: dict[str, str],
+              cfg: TrainConfig) -> str | None:
+    if run_id:
+        try:
+            return tracker.start(run_id=run_id, tags=tags)
+        except VitpipeError:
+            pass  # the checkpoint's run is in another store: start a fresh one
+    return tracker.start(run_name=cfg.tracking.run_name or f"{cfg.mode}", tags=tags)
+
+
+def _log_run_inputs(tracker: Tracker, cfg: TrainConfig, manifest: Any, plan: Plan) -> None:
+    from ..config import flatten
+
+    params = flatten(cfg) | {f"plan.{k}": str(v) for k, v in asdict(plan).items()}
+    params["plan.effective_batch"] = str(plan.effective_batch)
+    tracker.log_params(params)
+    tracker.log_dict(_redact(cfg.model_dump(mode="json")), "config/train_config.json")
+    tracker.log_dict(_manifest_dict(manifest), "manifest/manifest.json")
+    tracker.log_dataset(manifest, cfg.data.manifest, "train", "training")
+    if "val" in manifest.splits and cfg.mode != "mae":
+        tracker.log_dataset(manifest, cfg.data.manifest, "val", "validation")
+
+
+def _check_compatible(state: dict[str, Any], cfg: TrainConfig, plan: Plan, where: str) -> None:
+    """The data cursor is only meaningful for the same mode, world size and batch layout."""
+    want = {"mode": cfg.mode, "world_size": plan.world_size, "micro_batch": plan.micro_batch,
+            "accum_steps": plan.accum_steps}
+    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"checkpoint {where} cannot resume this run exactly ({shown}); "
+                              "use the same launch/batch settings or checkpoint.resume=none")
+
+
+def _check_optimizer_step(optimizer: Any, step: int, cfg: TrainConfig, where: str) -> None:
+    if cfg.train.mixed_precision == "fp16":
+        return  # the scaler may skip steps: AdamW's counter can lag the loop's
+    for st in optimizer.state_dict()["state"].values():
+        if "step" in st and int(st["step"]) != step:
+            raise CheckpointError(f"checkpoint {where}: optimizer step {int(st['step'])} != "
+                                  f"saved loop step {step}; the checkpoint is inconsistent")
+        break
+
+
+def _loss(model, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+          mix: Callable | None) -> torch.Tensor:
+    if cfg.mode == "mae":
+        return model(x)[0]
+    if mix is not None:
+        x, y = mix(x, y)
+    return F.cross_entropy(model(x).float(), y, label_smoothing=cfg.train.label_smoothing)
+
+
+def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loader,
+          plan: Plan, cursor: Cursor, ckpt: CheckpointManager, tracker: Tracker,
+          stop: StopFlag, run_id: str | None) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    rank = acc.process_index
+    bar = tqdm(total=plan.total_steps, initial=cursor.step, unit="step", dynamic_ncols=True,
+               mininterval=1.0, disable=not (acc.is_main_process and cfg.progress))
+    metrics: dict[str, float] = {}
+    last_saved = cursor.step if cursor.step > 0 else -1  # resumed: that step is on disk
+    window_loss = torch.zeros(2, device=acc.device)
+    t_window, n_window = time.perf_counter(), 0
+    img_s = 0.0
+    model.train()
+
+    def save(step: int) -> str:
+        state = {"cursor": asdict(cursor), "scheduler": scheduler.state_dict(), "step": step,
+                 "mode": cfg.mode, "world_size": plan.world_size, "micro_batch": plan.micro_batch,
+                 "accum_steps": plan.accum_steps, "mlflow_run_id": run_id,
+                 "model": cfg.model.name, "time": time.time()}
+        uri = ckpt.save(step, state, ema)
+        tracker.set_tags({"vitpipe.checkpoint": uri})
+        return uri
+
+    while cursor.step < plan.total_steps:
+        epoch_start = cursor.step
+        epoch_loss = torch.zeros(2, device=acc.device)
+        n_steps = min(plan.steps_per_epoch - cursor.batch_in_epoch,
+                      plan.total_steps - cursor.step)
+        start_sample = cursor.batch_in_epoch * plan.accum_steps * plan.micro_batch
+        loader = train_loader(cursor.epoch, start_sample)
+        seed = (cfg.seed * 1_000_003 + cursor.epoch * 1009 + rank) % 2**63
+        for x, y in _batches(loader, n_steps * plan.accum_steps, seed):
+            x = x.to(acc.device, non_blocking=True)
+            y = y.to(acc.device, non_blocking=True)
+            with acc.accumulate(model):
+                loss = _loss(model, x, y, cfg, mix)
+                acc.backward(loss)
+                grad_norm = None
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(),
+                                                    cfg.train.clip_grad or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
+            if not acc.sync_gradients:
+                continue
+            # ---- one optimizer step done ----
+            if not torch.isfinite(loss.detach()):
+                raise TrainingError(f"rank {rank}: loss is {loss.item()} at step {cursor.step}; "
+                                    "lower the lr, enable train.clip_grad or use bf16")
+            cursor.step += 1
+            cursor.batch_in_epoch += 1
+            scheduler.step()
+            if ema is not None:
+                ema.update(acc.unwrap_model(model))
+            n_window += 1
+            fault_injection(cursor.step, rank)
+            if cursor.step % cfg.log_every_n_steps == 0 or cursor.step == plan.total_steps:
+                dt = time.perf_counter() - t_window
+                img_s = n_window * plan.effective_batch / max(dt, 1e-9)
+                wl = acc.reduce(window_loss, reduction="sum")
+                epoch_loss += wl
+                step_metrics = {"loss": float(wl[0] / wl[1].clamp_min(1)),
+                                "lr": scheduler.lr,
+                                "img_s": img_s}
+                if grad_norm is not None:
+                    step_metrics["grad_norm"] = float(grad_norm)
+                tracker.log_metrics(step_metrics, step=cursor.step)
+                bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", lr=f"{step_metrics['lr']:.2e}",
+                                img_s=f"{img_s:.0f}", refresh=False)
+                metrics["loss"] = step_metrics["loss"]
+                window_loss.zero_()
+                t_window, n_window = time.perf_counter(), 0
+            bar.update(1)
+            if stop.should_stop(acc):
+                uri = save(cursor.step)
+                bar.close()
+                raise TrainingInterrupted(
+                    f"rank {rank}: stopped by signal {stop.signum or 'on a peer'} at step "
+                    f"{cursor.step}; checkpoint saved to {uri}; rerun with --resume auto"
+                )
+            if cursor.step % cfg.checkpoint.every_n_steps == 0:
+                save(cursor.step)
+                last_saved = cursor.step
+        # ---- end of epoch (or of the step budget inside it) ----
+        finished_epoch = cursor.batch_in_epoch >= plan.steps_per_epoch
+        if finished_epoch:
+            cursor.epoch += 1
+            cursor.batch_in_epoch = 0
+        epoch_metrics: dict[str, float] = {"epoch": float(cursor.epoch)}
+        if epoch_loss[1] > 0:
+            epoch_metrics["epoch_loss"] = float(epoch_loss[0] / epoch_loss[1])
+        if val_loader is not None and (finished_epoch or cursor.step >= plan.total_steps):
+            epoch_metrics["val_top1"] = top1(acc, model, val_loader)
+            if ema is not None:
+                epoch_metrics["val_top1_ema"] = top1(acc, ema.module, val_loader)
+        tracker.log_metrics(epoch_metrics, step=cursor.step)
+        metrics.update({k: v for k, v in epoch_metrics.items() if k != "epoch"})
+        shown = " ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items() if k != "epoch")
+        acc.print(f"epoch {cursor.epoch - finished_epoch} steps {epoch_start}->{cursor.step}/"
+                  f"{plan.total_steps} lr {scheduler.lr:.2e} img/s {img_s:.0f} {shown}",
+                  flush=True)
+    bar.close()
+    if last_saved != cursor.step:
+        save(cursor.step)
+    metrics["steps"] = float(cursor.step)
+    return metrics
+
+
+def _export(cfg: TrainConfig, acc, model, ema: ModelEma | None, out_dir: Path,
+            tracker: Tracker, manifest: Any) -> Path:
+    """Write the run's weights (main process) and log them; returns the contract's path."""
+    from ..weights import save_safetensors
+
+    raw = acc.unwrap_model(model)
+    use_ema = ema is not None and cfg.train.use_ema_for_export
+    meta = {"mode": cfg.mode, "model": cfg.model.model_dump_json(),
+            "num_classes": str(len(manifest.classes)),
+            "classes": json.dumps(list(manifest.classes)),
+            "source": "ema" if use_ema else "model"}
+    if cfg.mode == "mae":
+        src = ema.module if use_ema else raw
+        path = out_dir / "encoder.safetensors"
+        if acc.is_main_process:
+            save_safetensors(_cpu(src.encoder_state_dict()), path, metadata=meta)
+            tracker.log_artifact(path, "weights")
+            _log_reconstructions(src, cfg, acc, out_dir, tracker, manifest)
+        acc.wait_for_everyone()
+        return path
+    path = out_dir / "model.safetensors"
+    if acc.is_main_process:
+        save_safetensors(_cpu((ema.module if use_ema else raw).state_dict()), path, metadata=meta)
+        tracker.log_artifact(path, "weights")
+        if ema is not None:
+            ema_path = out_dir / "model_ema.safetensors"
+            save_safetensors(_cpu(ema.module.state_dict()), ema_path,
+                             metadata=meta | {"source": "ema"})
+            tracker.log_artifact(ema_path, "weights")
+    acc.wait_for_everyone()
+    return path
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {strip_prefixes(k): v.detach().float().cpu().contiguous() if v.is_floating_point()
+            else v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _log_reconstructions(mae, cfg: TrainConfig, acc, out_dir: Path, tracker: Tracker,
+                         manifest: Any) -> None:
+    """MAE runs end with a masked / reconstruction / original figure (logged under plots/)."""
+    from ..data import make_loader
+    from ..data.transforms import build_eval_transform
+    from ..evaluate.plots import plot_mae_reconstructions
+
+    split = "val" if "val" in manifest.splits else "train"
+    tf = build_eval_transform(cfg.data.augment, manifest, mae.encoder.img_size)
+    loader = make_loader(cfg.data.manifest, split, 8, rank=0, world_size=1, num_workers=0,
+                         transform=tf, seed=cfg.seed, train=False,
+                         **_loader_kwargs(make_loader, cfg))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        images = next(iter(loader))[0]
+        path = plot_mae_reconstructions(mae, images, out_dir / "plots" / "mae_reconstructions.png",
+                                        mean=manifest.mean, std=manifest.std)
+    tracker.log_artifact(path, "plots")
