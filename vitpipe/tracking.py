@@ -126,22 +126,29 @@ def manifest_dataset(manifest: Any, manifest_uri: str, split: str):
         def profile(self) -> dict[str, Any]:
             return self._profile
 
+        def to_dict(self) -> dict[str, str]:
+            return super().to_dict() | {"profile": json.dumps(self._profile)}
+
     try:
         source = resolve_dataset_source(manifest_uri)
     except Exception:  # noqa: BLE001 - any unresolvable URI still gets a source
         source = HTTPDatasetSource(url=manifest_uri)
     sp = manifest.splits[split]
-    digest = split_digest(manifest, split)
+    src = getattr(manifest, "source", None)
+    src_path = str(getattr(src, "path", src) or "")
     profile = {
         "split": split,
         "num_samples": int(sp.count),
         "num_shards": len(sp.shards),
         "num_classes": len(manifest.classes),
         "image_size": json.dumps(getattr(manifest, "image_size", None)),
-        "source": str(getattr(manifest, "source", "")),
+        "source_kind": str(getattr(src, "kind", "")),
+        "source_path": src_path,
+        "source_digest": str(getattr(src, "digest", "")),
+        "manifest_digest": str(manifest.digest),
     }
-    name = f"{Path(str(getattr(manifest, 'source', 'shards'))).name or 'shards'}-{split}"
-    return ManifestDataset(source, name, digest, profile)
+    name = f"{Path(src_path).name or 'shards'}-{split}"
+    return ManifestDataset(source, name, split_digest(manifest, split), profile)
 
 
 def split_digest(manifest: Any, split: str) -> str:
@@ -214,6 +221,19 @@ class Tracker:
         if tags and run_id:
             self.set_tags(tags)
         return self.run_id
+
+    def attach(self, run_id: str) -> str:
+        """Log into an existing run without changing its status (evaluation, registry)."""
+        if not self.active:
+            return run_id
+        try:
+            self.client.get_run(run_id)
+        except Exception as err:
+            raise TrackingError(
+                f"MLflow run {run_id} not found at {redact_uri(self.uri)}: {err}"
+            ) from None
+        self.run_id = run_id
+        return run_id
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active and self.run_id:
