@@ -1,0 +1,199 @@
+"""Weights on disk and into models: safetensors files, timm files, pretrained loading.
+
+``load_pretrained`` is how an MAE encoder (or any ViT checkpoint) becomes the start of a
+fine-tune: position tables are resampled to the model's grid, the head is re-initialised
+when classes differ, and anything else that does not fit is a ``CheckpointError`` naming
+the keys, rather than a silently half-loaded model. Pickles are only ever read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .errors import CheckpointError
+from .models.pos_embed import resample_axis, resample_grid
+from .models.timm_compat import convert_timm_state_dict, is_timm_state_dict
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+_MAX_SHOWN = 10
+
+
+# ---- files -----------------------------------------------------------------------------------
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``state_dict`` atomically (temp file + rename). Metadata values are stored as
+    strings (non-strings JSON-encoded), since safetensors metadata is ``str -> str``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    tensors = {}
+    for k, v in state_dict.items():
+        t = v.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen and t.numel():  # safetensors refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[k] = t
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict on CPU, metadata) of a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path), device="cpu"), metadata
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or ``.pth/.pt/.bin`` (``weights_only=True``).
+
+    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)[0]
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for bad/unsafe pickles
+        raise CheckpointError(
+            f"cannot read {path} as tensors-only (weights_only=True): {err}. "
+            "Convert it to .safetensors or a plain state dict.") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def load_timm_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A local timm ViT weights file, converted to vitpipe keys. Nothing is downloaded."""
+    sd = load_state_file(path)
+    if not is_timm_state_dict(sd):
+        raise CheckpointError(f"{path} does not look like a timm ViT (no 'pos_embed' tensor)")
+    return convert_timm_state_dict(sd)
+
+
+# ---- into a model ----------------------------------------------------------------------------
+def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def _shown(keys: list[str]) -> str:
+    return ", ".join(keys[:_MAX_SHOWN]) + (f" (+{len(keys) - _MAX_SHOWN} more)"
+                                           if len(keys) > _MAX_SHOWN else "")
+
+
+def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Load a ViT (or MAE / timm) state dict into ``model`` for fine-tuning or inference.
+
+    Returns a report: ``loaded`` (count), ``resampled``, ``reinitialized`` (head),
+    ``mapped`` (``norm`` <-> ``fc_norm`` when pooling differs), ``ignored`` (e.g. MAE decoder).
+    Raises ``CheckpointError`` naming missing, unexpected and mis-shaped keys otherwise.
+    """
+    sd = _strip_wrappers(state_dict)
+    target = model.state_dict()
+    report: dict[str, Any] = {"resampled": [], "reinitialized": [], "mapped": [], "ignored": []}
+
+    # a whole MAE: keep the encoder, ignore the decoder
+    if any(k.startswith("encoder.") for k in sd) and not any(k.startswith("encoder.")
+                                                              for k in target):
+        report["ignored"] = sorted(k for k in sd if not k.startswith("encoder."))
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if is_timm_state_dict(sd):
+        sd = convert_timm_state_dict(sd)
+
+    # token pooling uses `norm`, avg pooling `fc_norm`: carry the final norm across
+    for a, b in (("norm", "fc_norm"), ("fc_norm", "norm")):
+        if f"{b}.weight" in target and f"{b}.weight" not in sd and f"{a}.weight" in sd \
+                and f"{a}.weight" not in target:
+            for p in ("weight", "bias"):
+                sd[f"{b}.{p}"] = sd.pop(f"{a}.{p}")
+            report["mapped"].append(f"{a} -> {b}")
+
+    # position tables: resample to the model's grid
+    for key, v in list(sd.items()):
+        if key not in target or v.shape == target[key].shape:
+            continue
+        want = target[key].shape
+        if key == "pos_embed.weight" and v.ndim == 3 and v.shape[2] == want[2]:
+            old, new = v.shape[1], want[1]
+            if _square(old) and _square(new):
+                g_old, g_new = int(old**0.5), int(new**0.5)
+                sd[key] = resample_grid(v, (g_old, g_old), (g_new, g_new))
+                report["resampled"].append(f"{key} {g_old}x{g_old} -> {g_new}x{g_new}")
+        elif key in ("pos_embed.row", "pos_embed.col") and v.ndim == 3 and v.shape[2] == want[2]:
+            sd[key] = resample_axis(v, want[1])
+            report["resampled"].append(f"{key} {v.shape[1]} -> {want[1]}")
+
+    # head: keep the model's fresh init when absent or of another class count
+    head_keys = [k for k in target if k.startswith("head.")]
+    if any(k not in sd or sd[k].shape != target[k].shape for k in head_keys):
+        if hasattr(model, "reset_classifier"):
+            model.reset_classifier(model.num_classes)
+            target = model.state_dict()
+        for k in head_keys:
+            sd[k] = target[k]
+        report["reinitialized"] = head_keys
+    extra_head = sorted(k for k in sd if k.startswith("head.") and k not in target)
+    for k in extra_head:  # a headless encoder ignores a checkpoint's classifier
+        sd.pop(k)
+    report["ignored"] += extra_head
+
+    missing = sorted(k for k in target if k not in sd)
+    unexpected = sorted(k for k in sd if k not in target)
+    wrong = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+                   for k in target if k in sd and sd[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing: {_shown(missing)}")
+        if unexpected:
+            parts.append(f"unexpected: {_shown(unexpected)}")
+        if wrong:
+            parts.append(f"shape mismatch: {_shown(wrong)}")
+        raise CheckpointError(
+            "checkpoint does not fit this model (another architecture?) - "
+            + "; ".join(parts)
+            + ". Check model.name and its overrides (embed_dim, depth, pos_embed, stem, "
+            "global_pool) against the run that produced the weights."
+        )
+    model.load_state_dict(sd, strict=True)
+    report["loaded"] = len(sd)
+    return report
+
+
+def _square(n: int) -> bool:
+    r = int(round(n**0.5))
+    return r * r == n
