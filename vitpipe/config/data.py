@@ -36,7 +36,10 @@ class ShardConfig(StrictModel):
     output: str = "shards/fashion_mnist"  # local path, file:// or s3://bucket/prefix
     val_fraction: float = Field(1 / 6, ge=0, lt=1)  # carved from train when no val split
     seed: int = 0
-    image_format: Literal["png", "jpeg"] = "png"
+    # png: lossless (default); jpeg: re-encoded at jpeg_quality; keep: the source's own bytes
+    # (re-encoded as PNG only when an image must change mode to the dataset's channels)
+    image_format: Literal["png", "jpeg", "keep"] = "png"
+    channels: Literal[1, 3] | None = None  # None: Fashion-MNIST 1; ImageFolder from 1st image
     jpeg_quality: int = Field(90, ge=1, le=100)
     max_samples_per_shard: int = Field(10_000, gt=0)
     max_bytes_per_shard: int = Field(256 * 2**20, gt=0)

@@ -1,0 +1,84 @@
+"""Decode, check, convert and encode single images (PIL), with errors that name the image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+# Modes that convert cleanly to 8-bit L or RGB; anything else (I, F, I;16, HSV...) is refused.
+GRAY_MODES = {"1", "L", "LA", "La"}
+COLOR_MODES = {"P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
+
+
+def decode(data: bytes, origin: str) -> Image.Image:
+    """Fully decode ``data`` (so truncation shows now, not later) or raise naming ``origin``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"corrupt or unreadable image {origin}: {err}") from None
+    return img
+
+
+def channels_of(img: Image.Image, origin: str) -> int:
+    """1 for grayscale modes, 3 for colour modes; unsupported modes raise naming the image."""
+    if img.mode in GRAY_MODES:
+        return 1
+    if img.mode in COLOR_MODES:
+        return 3
+    raise DataError(f"image {origin} has unsupported mode {img.mode!r}; vitpipe reads 8-bit "
+                    "grayscale or colour images (L, RGB, P, RGBA, CMYK...); convert it first")
+
+
+def to_mode(img: Image.Image, mode: str, origin: str) -> Image.Image:
+    """Convert to ``L`` or ``RGB`` (checking the source mode is supported)."""
+    channels_of(img, origin)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
+    """PNG (lossless) or JPEG at ``quality``."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    else:
+        img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def ext_of(img: Image.Image) -> str:
+    """The shard member extension for an image's own encoding."""
+    fmt = (img.format or "PNG").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
+
+
+class PixelStats:
+    """Running per-channel sum and sum of squares of pixels scaled to [0, 1]."""
+
+    def __init__(self, channels: int):
+        self.n = 0
+        self.s = np.zeros(channels, np.float64)
+        self.ss = np.zeros(channels, np.float64)
+
+    def add(self, img: Image.Image) -> None:
+        a = np.asarray(img, dtype=np.float64).reshape(-1, len(self.s)) / 255.0
+        self.n += a.shape[0]
+        self.s += a.sum(0)
+        self.ss += np.square(a).sum(0)
+
+    def merge(self, other: PixelStats) -> None:
+        self.n += other.n
+        self.s += other.s
+        self.ss += other.ss
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        if self.n == 0:
+            return [0.0] * len(self.s), [1.0] * len(self.s)
+        mean = self.s / self.n
+        std = np.sqrt(np.maximum(self.ss / self.n - mean**2, 0.0))
+        return [round(float(m), 6) for m in mean], [round(float(max(s, 1e-6)), 6) for s in std]

@@ -1,0 +1,415 @@
+"""Manifest -> per-rank batches: ``make_loader`` (webdataset ``WebLoader`` over planned shards).
+
+Guarantees (see :mod:`vitpipe.data.plan` for how):
+
+* ``train=True``: every rank yields exactly ``len(loader)`` full batches, derived from the
+  manifest; the order is a pure function of (seed, epoch, rank, world_size, num_workers,
+  batch_size, shuffle_buffer), and ``start_sample=k`` yields exactly the rest of that order,
+  skipping the first ``k`` samples' tar members unread and unde-coded. Augmentation randomness
+  is seeded per batch, so a resumed batch is augmented as it would have been. Resume with the
+  same world_size, num_workers and batch_size.
+* ``train=False``: every sample exactly once across ranks; ranks are padded with label ``-1`` to
+  the same batch count and sizes (drop ``labels < 0``).
+* A corrupt image is skipped and counted (logged with shard and key): in training it is replaced
+  by the worker's next good sample so batch counts stay equal; in evaluation it becomes a
+  label ``-1`` pad. Past ``max_bad_fraction`` of a worker's samples the loader raises
+  :class:`DataError` naming the worst shards. Unreadable shards count all their missing samples
+  as bad; unsafe shards (absolute/``..`` member paths) fail at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import storage
+from ..config.data import DataConfig, S3Config
+from ..errors import DataError
+from . import images
+from .manifest import Manifest, read_manifest
+from .plan import PAD, EpochPlan, WorkerPlan, make_plan
+from .tario import ShardError, TarCursor, UnsafeShardError
+
+log = logging.getLogger(__name__)
+
+
+def register_s3_gopen() -> None:
+    """Let ``webdataset.WebDataset("s3://...")`` stream through boto3 (no AWS CLI pipes)."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports
+    # a function of the same name)
+
+    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+        if "r" not in mode:
+            raise DataError(f"s3 URLs are read-only in webdataset: {url}")
+        return storage.open_read(url)
+
+    gopen.gopen_schemes["s3"] = gopen_s3
+
+
+register_s3_gopen()
+
+
+@dataclass
+class _Failure:
+    message: str
+
+
+@dataclass
+class WorkerReport:
+    """What a worker saw: samples yielded, bad ones per shard (with a reason), padding."""
+
+    worker: int
+    samples: int = 0
+    padded: int = 0
+    bad: Counter = field(default_factory=Counter)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Raw:
+    key: str
+    members: dict[str, bytes]
+    shard: int
+
+
+@dataclass
+class _Missing:
+    shard: int
+    key: str
+    reason: str
+
+
+class _ShardReader:
+    """Fetches (shard, member) items in read order, one open shard at a time."""
+
+    def __init__(self, manifest: Manifest, split: str, s3: S3Config | None):
+        self.urls = manifest.shard_urls(split)
+        self.info = manifest.split(split).shards
+        self.s3 = s3
+        self.cur: TarCursor | None = None
+        self.cur_shard = -1
+        self.failed: dict[int, str] = {}
+
+    def fetch(self, shard: int, member: int) -> _Raw | _Missing:
+        if shard in self.failed:
+            return _Missing(shard, f"#{member}", self.failed[shard])
+        if shard != self.cur_shard:
+            self.close()
+            self.cur_shard = shard
+            try:
+                self.cur = TarCursor(self.urls[shard], self.s3, self.info[shard].bytes)
+            except UnsafeShardError:
+                raise
+            except ShardError as err:
+                self.failed[shard] = err.reason
+                return _Missing(shard, f"#{member}", err.reason)
+        assert self.cur is not None
+        try:
+            got = self.cur.read(member)
+        except UnsafeShardError:
+            raise
+        except ShardError as err:
+            self.failed[shard] = err.reason
+            self.close()
+            return _Missing(shard, f"#{member}", err.reason)
+        if got is None:
+            reason = (f"ended after {self.cur.index + 1} samples; the manifest says "
+                      f"{self.info[shard].count} (truncated?)")
+            self.failed[shard] = reason
+            return _Missing(shard, f"#{member}", reason)
+        return _Raw(got[0], got[1], shard)
+
+    def close(self) -> None:
+        if self.cur is not None:
+            self.cur.close()
+        self.cur, self.cur_shard = None, -1
+
+
+def _default_transform() -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """Runs inside each DataLoader worker: read its planned items, decode, transform, batch."""
+
+    def __init__(self, manifest: Manifest, plan: EpochPlan, transform: Callable | None,
+                 s3: S3Config | None, max_bad_fraction: float, with_keys: bool,
+                 physical_workers: int):
+        super().__init__()
+        self.manifest, self.plan, self.s3 = manifest, plan, s3
+        self.transform = transform or _default_transform()
+        self.max_bad_fraction = max_bad_fraction
+        self.with_keys = with_keys
+        self.physical_workers = physical_workers
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        w = self.plan.physical_to_logical(physical, self.physical_workers)
+        wp = self.plan.worker(w)
+        report = WorkerReport(w)
+        reader = _ShardReader(self.manifest, self.plan.split, self.s3)
+        try:
+            yield from self._batches(wp, reader, report)
+        except _Stop as stop:
+            yield _Failure(stop.message)
+            return
+        except UnsafeShardError as err:
+            yield _Failure(str(err))
+            return
+        finally:
+            reader.close()
+        yield report
+
+    # -- per sample ---------------------------------------------------------------------------
+
+    def _budget_check(self, wp: WorkerPlan, report: WorkerReport) -> None:
+        allowed = int(self.max_bad_fraction * max(wp.real_items, 1))
+        if sum(report.bad.values()) > allowed:
+            names = self.manifest.split(self.plan.split).shards
+            worst = ", ".join(
+                f"{names[s].name} ({n} bad: {report.reasons.get(str(s), 'corrupt images')})"
+                for s, n in report.bad.most_common(3))
+            n_bad = sum(report.bad.values())
+            raise _Stop(f"too many bad samples in split '{self.plan.split}' ({n_bad} "
+                        f"of {wp.real_items} in worker {wp.worker}, max_bad_fraction="
+                        f"{self.max_bad_fraction}); worst shards: {worst} (under "
+                        f"{self.manifest.base}); re-shard or raise data.max_bad_fraction")
+
+    def _bad(self, wp: WorkerPlan, report: WorkerReport, shard: int, key: str, reason: str
+             ) -> None:
+        report.bad[shard] += 1
+        report.reasons.setdefault(str(shard), reason)
+        name = self.manifest.split(self.plan.split).shards[shard].name
+        log.warning("skipping sample %s in shard %s: %s", key, name, reason)
+        self._budget_check(wp, report)
+
+    def _decode(self, raw: _Raw) -> tuple[Image.Image, int]:
+        ext = next((e for e in raw.members if e in images.IMAGE_EXTS), None)
+        if ext is None:
+            raise DataError(f"no image member (has {', '.join(raw.members) or 'nothing'})")
+        if "cls" not in raw.members:
+            raise DataError("no .cls label member")
+        try:
+            label = int(raw.members["cls"].decode().strip())
+        except ValueError:
+            raise DataError(f"label {raw.members['cls'][:20]!r} is not an integer") from None
+        if not 0 <= label < len(self.manifest.classes):
+            raise DataError(f"label {label} outside 0..{len(self.manifest.classes) - 1}")
+        img = images.decode(raw.members[ext], raw.key)
+        return images.to_mode(img, self.manifest.mode, raw.key), label
+
+    def _pad_image(self) -> Image.Image:
+        h, w = self.manifest.image_size or (32, 32)
+        return Image.new(self.manifest.mode, (w, h))
+
+    # -- per worker ---------------------------------------------------------------------------
+
+    def _samples(self, wp: WorkerPlan, reader: _ShardReader, report: WorkerReport
+                 ) -> Iterator[tuple[Image.Image, int, str] | None]:
+        """Decoded (image, label, key) in emit order; None = padding (eval) / a bad sample."""
+        n = len(wp.shard)
+        window = wp.window or 256  # no shuffle: emit order is read order; stream in chunks
+        for start in range(wp.skip - wp.skip % window, n, window):
+            lo = max(start, wp.skip)
+            positions = wp.emit[lo:start + window]
+            if len(positions) == 0:
+                continue
+            fetched: dict[int, _Raw | _Missing | None] = {}
+            for pos in np.sort(positions):
+                s, m = int(wp.shard[pos]), int(wp.member[pos])
+                fetched[int(pos)] = None if s == PAD else reader.fetch(s, m)
+            for pos in positions:
+                item = fetched.pop(int(pos))
+                if item is None:
+                    yield None
+                    continue
+                if isinstance(item, _Missing):
+                    self._bad(wp, report, item.shard, item.key, item.reason)
+                    yield _BAD
+                    continue
+                try:
+                    img, label = self._decode(item)
+                except DataError as err:
+                    self._bad(wp, report, item.shard, item.key, str(err))
+                    yield _BAD
+                    continue
+                yield img, label, item.key
+
+    def _batches(self, wp: WorkerPlan, reader: _ShardReader, report: WorkerReport
+                 ) -> Iterator[Any]:
+        plan = self.plan
+        samples = self._samples(wp, reader, report)
+        last_good: tuple[Image.Image, int, str] | None = None
+        owed = 0  # train: bad samples not yet replaced by a good one
+        pad_img = None
+        for batch_id, size in zip(wp.batch_ids, wp.batch_sizes, strict=True):
+            items: list[tuple[Image.Image, int, str]] = []
+            while len(items) < size:
+                if owed and last_good is not None:  # repay bad samples seen before a good one
+                    items.append(last_good)
+                    owed -= 1
+                    continue
+                s = next(samples, _END)
+                if s is _END:
+                    raise _Stop(f"worker {wp.worker} ran out of samples in split "
+                                f"'{plan.split}' (plan error)")
+                if s is None or s is _BAD:
+                    if plan.train:
+                        if last_good is not None:
+                            items.append(last_good)
+                        else:
+                            owed += 1
+                        continue
+                    if pad_img is None:
+                        pad_img = self._pad_image()
+                    items.append((pad_img, -1, ""))
+                    if s is None:
+                        report.padded += 1
+                    continue
+                last_good = s
+                items.append(s)
+            yield self._collate(items, batch_id)
+            report.samples += sum(1 for _, label, _ in items if label >= 0)
+        if owed:
+            raise _Stop(f"worker {wp.worker}: every sample it read was bad; see warnings")
+
+    def _collate(self, items: list[tuple[Image.Image, int, str]], batch_id: int) -> Any:
+        plan = self.plan
+        gen_seed = hash((plan.seed, plan.epoch, plan.rank, batch_id, 0xA06)) & (2**63 - 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(gen_seed)
+            tensors = [self.transform(img) for img, _, _ in items]
+        try:
+            x = torch.stack([torch.as_tensor(t) for t in tensors])
+        except RuntimeError:
+            shapes = sorted({tuple(t.shape) for t in tensors})
+            raise _Stop(f"images in one batch differ in shape {shapes[:3]}; pass a transform "
+                        "that resizes (vitpipe.data.transforms)") from None
+        y = torch.tensor([label for _, label, _ in items], dtype=torch.long)
+        if self.with_keys:
+            return x, y, [k for _, _, k in items]
+        return x, y
+
+
+class _Stop(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+_END = object()
+_BAD = object()
+_sha_cache: dict[tuple[str, str], bool] = {}
+_sha_lock = threading.Lock()
+
+
+def _verify(manifest: Manifest, split: str, shards: set[int], s3: S3Config | None) -> None:
+    infos = manifest.split(split).shards
+    urls = manifest.shard_urls(split)
+    for i in sorted(shards):
+        key = (urls[i], infos[i].sha256)
+        with _sha_lock:
+            if key in _sha_cache:
+                continue
+        try:
+            got = storage.sha256(urls[i], s3)
+        except DataError as err:
+            raise DataError(f"cannot verify shard {urls[i]}: {err}") from None
+        if got != infos[i].sha256:
+            raise DataError(f"shard {urls[i]} has sha256 {got[:16]}... but the manifest says "
+                            f"{infos[i].sha256[:16]}...: the shard was modified or corrupted; "
+                            "re-run `vitpipe shard --overwrite`")
+        with _sha_lock:
+            _sha_cache[key] = True
+
+
+class ShardLoader:
+    """Iterable of ``(images (B, C, H, W) float, labels (B,) long)`` for one rank's epoch."""
+
+    def __init__(self, manifest: Manifest, plan: EpochPlan, dataset: _EpochDataset,
+                 loader: Any):
+        self.manifest, self.plan = manifest, plan
+        self._dataset, self._loader = dataset, loader
+        self.reports: list[WorkerReport] = []
+
+    def __len__(self) -> int:
+        return self.plan.remaining_batches
+
+    @property
+    def bad_samples(self) -> int:
+        return sum(sum(r.bad.values()) for r in self.reports)
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.reports)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.reports = []
+        n = 0
+        for item in self._loader:
+            if isinstance(item, _Failure):
+                raise DataError(item.message)
+            if isinstance(item, WorkerReport):
+                self.reports.append(item)
+                continue
+            n += 1
+            yield item
+        if n != len(self):
+            raise DataError(f"loader for split '{self.plan.split}' rank {self.plan.rank} yielded "
+                            f"{n} batches instead of {len(self)}")
+        if self.bad_samples:
+            log.warning("split '%s' rank %d: %d bad sample(s) skipped (see warnings above)",
+                        self.plan.split, self.plan.rank, self.bad_samples)
+
+
+def make_loader(manifest_uri: str | Manifest, split: str, batch_size: int, rank: int = 0,
+                world_size: int = 1, num_workers: int = 2, epoch: int = 0,
+                transform: Callable | None = None, *, seed: int = 0, train: bool = True,
+                start_sample: int = 0, shuffle_buffer: int | None = None,
+                max_bad_fraction: float | None = None, verify_sha256: bool | None = None,
+                s3: S3Config | None = None, data: DataConfig | None = None,
+                with_keys: bool = False, pin_memory: bool = False,
+                prefetch_factor: int = 2) -> ShardLoader:
+    """One rank's loader for one epoch of ``split`` (see the module docstring for guarantees).
+
+    ``start_sample``: samples this rank already consumed in this epoch (a multiple of
+    ``batch_size``). Settings left ``None`` come from ``data`` (a :class:`DataConfig`), else its
+    defaults. ``with_keys`` adds each batch's sample keys (``""`` for padding).
+    """
+    d = data or DataConfig()
+    s3 = s3 or d.s3
+    manifest = (manifest_uri if isinstance(manifest_uri, Manifest)
+                else read_manifest(manifest_uri, s3))
+    counts = [s.count for s in manifest.split(split).shards]
+    plan = make_plan(counts, split, batch_size=batch_size, rank=rank, world_size=world_size,
+                     num_workers=num_workers, epoch=epoch, seed=seed, train=train,
+                     start_sample=start_sample,
+                     shuffle_buffer=d.shuffle_buffer if shuffle_buffer is None else shuffle_buffer)
+    log.info("data plan (rank %d/%d): %s", rank, world_size, plan.derivation())
+    if verify_sha256 if verify_sha256 is not None else d.verify_sha256:
+        _verify(manifest, split, {int(s) for s in np.unique(plan.shard) if s != PAD}, s3)
+    dataset = _EpochDataset(manifest, plan, transform, s3,
+                            d.max_bad_fraction if max_bad_fraction is None else max_bad_fraction,
+                            with_keys, num_workers)
+    import webdataset as wds
+
+    kw: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                           pin_memory=pin_memory, persistent_workers=False, **kw)
+    return ShardLoader(manifest, plan, dataset, loader)
+
+
+__all__ = ["ShardLoader", "WorkerReport", "make_loader", "register_s3_gopen"]
