@@ -102,16 +102,23 @@ def mae_forward_flops(kw: dict[str, Any], mask_ratio: float, decoder_embed_dim: 
 def activation_bytes(kw: dict[str, Any], batch_size: int = 1, bytes_per_el: int = 4) -> int:
     """Estimate of the activations autograd keeps for backward in one training step.
 
-    Per block (SDPA, so no T x T matrix is stored): LN inputs 2 TD, qkv input TD, q/k/v 3 TD,
-    attention output TD, proj input TD, fc1 input TD, GELU input and fc2 input 2 TM, plus the
-    layer-scale inputs 2 TD when enabled; then the final norm and the input images.
+    Per block (SDPA, so no T x T matrix is stored): the two LayerNorm inputs 2 TD, the qkv
+    input TD, q/k/v 3 TD (one qkv buffer), the attention output TD (also the proj input),
+    the fc1 input TD, GELU input and fc2 input 2 TM, plus layer-scale inputs 2 TD when
+    enabled. Then the stem's inputs (conv, BatchNorm and GELU inputs per conv-stem stage)
+    and the final norm's input.
     """
     d, m = kw["embed_dim"], int(kw["embed_dim"] * kw["mlp_ratio"])
     _, _, n = _grid(kw)
     t = n + (1 if kw["global_pool"] == "token" else 0)
-    per_block = 9 * t * d + 2 * t * m + (2 * t * d if kw["layer_scale_init"] else 0)
-    images = kw["in_chans"] * kw["img_size"] ** 2
-    per_image = kw["depth"] * per_block + t * d + images
+    per_block = 8 * t * d + 2 * t * m + (2 * t * d if kw["layer_scale_init"] else 0)
+    stem = kw["in_chans"] * kw["img_size"] ** 2  # the input images (for the weight gradient)
+    if kw["stem"] == "conv":
+        size = kw["img_size"]
+        for cout in _stem_widths(kw):
+            size = (size + 1) // 2
+            stem += 3 * cout * size * size  # BatchNorm input, GELU input, next conv input
+    per_image = kw["depth"] * per_block + t * d + stem
     return per_image * batch_size * bytes_per_el
 
 
