@@ -42,10 +42,13 @@ def launch_env_overrides(launch: LaunchConfig,
     """Fill per-machine fields from the environment (set by the multi-node job template).
 
     ``VITPIPE_MACHINE_RANK``, ``VITPIPE_MAIN_PROCESS_IP``, ``VITPIPE_MAIN_PROCESS_PORT`` and
-    ``VITPIPE_NUM_MACHINES`` win over the config, because only the pod knows its own index.
+    ``VITPIPE_NUM_MACHINES`` win over the config, because only the pod knows its own index;
+    in an indexed Job (``VITPIPE_MULTINODE=1``) the rank is ``JOB_COMPLETION_INDEX``.
     """
     env = os.environ if environ is None else environ
     upd: dict[str, Any] = {}
+    if env.get("VITPIPE_MULTINODE") == "1" and env.get("JOB_COMPLETION_INDEX"):
+        upd["machine_rank"] = int(env["JOB_COMPLETION_INDEX"])  # Kubernetes indexed Job
     for key, field in (("VITPIPE_MACHINE_RANK", "machine_rank"),
                        ("VITPIPE_NUM_MACHINES", "num_machines"),
                        ("VITPIPE_MAIN_PROCESS_PORT", "main_process_port")):

@@ -73,7 +73,7 @@ class StageRunner:
         if wanted == "deployments" and not self.deployment:
             raise ConfigError("orchestration.stages=deployments needs orchestration.deployment"
                               " (the stage deployments' name, e.g. 'process')")
-        names = [f"{STAGE_FLOWS[s].name}/{self.deployment}" for s in self._stages()]
+        names = [self.deployment_name(s) for s in self._stages()]
         if wanted == "auto" and (current_deployment.get_id() is None or not self.deployment):
             self.log.info("stages run in-process as subflows (pipeline not run from a deployment)")
             return "subflows"
@@ -89,6 +89,10 @@ class StageRunner:
             )
         self.log.info("stages run as deployments: %s", ", ".join(names))
         return "deployments"
+
+    def deployment_name(self, stage: str) -> str:
+        dep = self.cfg.orchestration.stage_deployments.get(stage) or self.deployment
+        return f"{STAGE_FLOWS[stage].name}/{dep}"
 
     def _stages(self) -> list[str]:
         return [s for s in STAGE_NAMES if s != "pretrain" or self.cfg.pretrain is not None]
@@ -120,7 +124,7 @@ class StageRunner:
         return result
 
     def _run_deployment(self, stage: str, params: dict[str, Any]) -> dict[str, Any]:
-        name = f"{STAGE_FLOWS[stage].name}/{self.deployment}"
+        name = self.deployment_name(stage)
         payload = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v
                    for k, v in params.items()}
         job_vars = self.cfg.orchestration.job_variables.get(stage) or None

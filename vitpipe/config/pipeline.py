@@ -78,6 +78,8 @@ class OrchestrationConfig(StrictModel):
 
     stages: Literal["auto", "subflows", "deployments"] = "auto"
     deployment: str | None = None  # stage deployment name; None: the pipeline's own
+    # per-stage deployment names, e.g. {pretrain: kubernetes-multinode}; others: `deployment`
+    stage_deployments: dict[str, str] = {}
     job_variables: dict[str, dict[str, Any]] = {}  # per stage, e.g. {finetune: {gpus: 8}}
     poll_seconds: float = Field(2.0, gt=0)
     stage_timeout_seconds: float | None = Field(None, gt=0)
@@ -85,12 +87,13 @@ class OrchestrationConfig(StrictModel):
 
     @model_validator(mode="after")
     def _stages(self) -> OrchestrationConfig:
-        unknown = set(self.job_variables) - set(STAGE_NAMES)
-        if unknown:
-            raise ValueError(
-                f"orchestration.job_variables has unknown stage(s) {sorted(unknown)}; "
-                f"stages are {list(STAGE_NAMES)}"
-            )
+        for field in ("job_variables", "stage_deployments"):
+            unknown = set(getattr(self, field)) - set(STAGE_NAMES)
+            if unknown:
+                raise ValueError(
+                    f"orchestration.{field} has unknown stage(s) {sorted(unknown)}; "
+                    f"stages are {list(STAGE_NAMES)}"
+                )
         return self
 
 

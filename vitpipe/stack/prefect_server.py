@@ -17,6 +17,17 @@ from pathlib import Path
 from .process import ManagedProcess, free_port, http_ok
 
 PROCESS_POOL = "vitpipe-process"
+# Every pool prefect.yaml deploys to: name -> (worker type, base job template in
+# infra/work-pools/, None: the worker's default). `prefect deploy --all` needs all of them.
+POOLS: dict[str, tuple[str, str | None]] = {
+    PROCESS_POOL: ("process", None),
+    "vitpipe-docker": ("docker", "docker.json"),
+    "vitpipe-docker-gpu": ("docker", "docker.json"),
+    "vitpipe-k8s": ("kubernetes", "kubernetes.json"),
+    "vitpipe-k8s-gpu": ("kubernetes", "kubernetes.json"),
+    "vitpipe-k8s-multinode": ("kubernetes", "kubernetes-multinode.json"),
+}
+GPU_POOLS = ("vitpipe-docker-gpu", "vitpipe-k8s-gpu", "vitpipe-k8s-multinode")
 
 
 def prefect_bin() -> str:
@@ -81,6 +92,25 @@ def create_work_pool(api_url: str, name: str, pool_type: str, home: Path,
         raise RuntimeError(f"creating work pool {name} failed:\n{res.stdout}\n{res.stderr}")
 
 
+def create_pools(api_url: str, home: Path, templates: Path,
+                 pools: dict[str, tuple[str, str | None]] | None = None) -> list[str]:
+    """Create or update vitpipe's work pools with their base job templates; GPU pools get a
+    concurrency limit of 1 (one training run owns the GPUs; PITFALLS #16127)."""
+    env = {**os.environ, **prefect_env(home, api_url)}
+    done = []
+    for name, (kind, template) in (pools or POOLS).items():
+        create_work_pool(api_url, name, kind, home, templates / template if template else None)
+        if name in GPU_POOLS:
+            res = subprocess.run([prefect_bin(), "--no-prompt", "work-pool",
+                                  "set-concurrency-limit", name, "1"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            if res.returncode != 0:
+                raise RuntimeError(f"concurrency limit on {name} failed:\n{res.stdout}"
+                                   f"\n{res.stderr}")
+        done.append(name)
+    return done
+
+
 def start_worker(api_url: str, data_dir: Path, pool: str = PROCESS_POOL,
                  env: dict[str, str] | None = None, cwd: str | None = None,
                  query_seconds: float = 1.0, limit: int | None = None,
@@ -137,3 +167,22 @@ def worker_online(api_url: str, pool: str = PROCESS_POOL) -> bool:
     except OSError:
         return False
     return any(w.get("status") == "ONLINE" for w in workers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vitpipe.stack.prefect_server create-pools [templates dir]`` against
+    ``PREFECT_API_URL`` (compose and Kubernetes setups run this once before deploying)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "create-pools" or not os.environ.get("PREFECT_API_URL"):
+        print("usage: PREFECT_API_URL=... python -m vitpipe.stack.prefect_server create-pools"
+              " [infra/work-pools]", file=sys.stderr)
+        return 2
+    templates = Path(args[1] if len(args) > 1 else "infra/work-pools")
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    for name in create_pools(os.environ["PREFECT_API_URL"], home, templates):
+        print(f"work pool {name} ready")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
