@@ -1,0 +1,130 @@
+"""Train/eval image transforms (torchvision.transforms.v2) and MixUp/CutMix batch transforms.
+
+Both transforms take a PIL image (any mode L/RGB/RGBA/P...) or a uint8 tensor, bring it to the
+manifest's channel count first, and end with normalisation by the manifest's train mean/std, so
+the registry's pyfunc can feed raw user images through ``build_eval_transform`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from ..config.data import AugmentConfig
+from ..errors import DataError
+from .manifest import Manifest
+
+
+class ToChannels(torch.nn.Module):
+    """PIL image or (C, H, W) tensor -> ``tv_tensors.Image`` with ``channels`` channels."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels not in (1, 3):
+            raise DataError(f"manifest channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def forward(self, img: Any) -> torch.Tensor:
+        if isinstance(img, Image.Image):
+            mode = "L" if self.channels == 1 else "RGB"
+            if img.mode != mode:
+                img = img.convert(mode)
+            return v2.functional.to_image(img)
+        t = v2.functional.to_image(img) if not isinstance(img, torch.Tensor) else img
+        if t.ndim == 2:
+            t = t.unsqueeze(0)
+        c = t.shape[-3]
+        if c == self.channels:
+            return t
+        if c == 4:
+            t, c = t[..., :3, :, :], 3
+        if self.channels == 1 and c == 3:
+            return v2.functional.rgb_to_grayscale(t)
+        if self.channels == 3 and c == 1:
+            return t.expand(*t.shape[:-3], 3, *t.shape[-2:]).clone()
+        raise DataError(f"cannot convert a {c}-channel image to {self.channels} channels")
+
+
+def _size(aug: AugmentConfig, manifest: Manifest, img_size: int | None) -> int:
+    size = img_size or aug.img_size or (manifest.image_size[0] if manifest.image_size else None)
+    if not size:
+        raise DataError("image size unknown: images in the manifest vary in size; set "
+                        "augment.img_size or pass img_size (the model's)")
+    return int(size)
+
+
+def _normalize(manifest: Manifest) -> list[Callable]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(manifest.mean, manifest.std)]
+
+
+def build_train_transform(aug: AugmentConfig, manifest: Manifest,
+                          img_size: int | None = None) -> v2.Compose:
+    """Crop/flip/jitter/auto-augment on uint8, then normalise, then random erasing."""
+    size = _size(aug, manifest, img_size)
+    ops: list[Callable] = [ToChannels(manifest.channels)]
+    if aug.random_resized_crop:
+        ops.append(v2.RandomResizedCrop(size, scale=(aug.scale_min, 1.0),
+                                        ratio=(aug.ratio_min, aug.ratio_max), antialias=True))
+    else:
+        ops += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    if aug.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.color_jitter > 0 and manifest.channels == 3:
+        cj = aug.color_jitter
+        ops.append(v2.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
+    if aug.auto_augment == "randaugment":
+        ops.append(v2.RandAugment(magnitude=aug.randaugment_magnitude))
+    elif aug.auto_augment == "trivialaugment":
+        ops.append(v2.TrivialAugmentWide())
+    ops += _normalize(manifest)
+    if aug.random_erasing > 0:
+        ops.append(v2.RandomErasing(p=aug.random_erasing, value=0))
+    return v2.Compose(ops)
+
+
+def build_eval_transform(aug: AugmentConfig, manifest: Manifest,
+                         img_size: int | None = None) -> v2.Compose:
+    """Resize (shorter side to size / crop_pct), center crop, normalise. PIL in, tensor out."""
+    size = _size(aug, manifest, img_size)
+    resize = int(round(size / aug.eval_crop_pct))
+    return v2.Compose([ToChannels(manifest.channels), v2.Resize(resize, antialias=True),
+                       v2.CenterCrop(size), *_normalize(manifest)])
+
+
+class BatchMix:
+    """Apply MixUp or CutMix to a batch with probability ``prob``; targets always come back
+    as (B, num_classes) probabilities.
+
+    Use with ``F.cross_entropy(logits, targets, label_smoothing=ls)``: PyTorch smooths
+    probability targets too, so label smoothing composes with mixing.
+    """
+
+    def __init__(self, mix: Callable, num_classes: int, prob: float):
+        self.mix, self.num_classes, self.prob = mix, num_classes, prob
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prob >= 1 or torch.rand(()) < self.prob:
+            return self.mix(images, labels)
+        return images, torch.nn.functional.one_hot(labels, self.num_classes).to(images.dtype)
+
+
+def build_mix(aug: AugmentConfig, num_classes: int) -> BatchMix | None:
+    """MixUp/CutMix batch transform from the config, or None when both alphas are 0."""
+    choices = []
+    if aug.mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
+    if aug.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=aug.cutmix_alpha, num_classes=num_classes))
+    if not choices or aug.mix_prob == 0:
+        return None
+    mix = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+    return BatchMix(mix, num_classes, aug.mix_prob)
+
+
+__all__ = ["BatchMix", "ToChannels", "build_eval_transform", "build_mix",
+           "build_train_transform"]
