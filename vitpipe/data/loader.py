@@ -178,15 +178,18 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def _budget_check(self, wp: WorkerPlan, report: WorkerReport) -> None:
         allowed = int(self.max_bad_fraction * max(wp.real_items, 1))
         if sum(report.bad.values()) > allowed:
-            names = self.manifest.split(self.plan.split).shards
-            worst = ", ".join(
-                f"{names[s].name} ({n} bad: {report.reasons.get(str(s), 'corrupt images')})"
-                for s, n in report.bad.most_common(3))
+            worst = self._worst(report)
             n_bad = sum(report.bad.values())
             raise _Stop(f"too many bad samples in split '{self.plan.split}' ({n_bad} "
                         f"of {wp.real_items} in worker {wp.worker}, max_bad_fraction="
                         f"{self.max_bad_fraction}); worst shards: {worst} (under "
                         f"{self.manifest.base}); re-shard or raise data.max_bad_fraction")
+
+    def _worst(self, report: WorkerReport) -> str:
+        names = self.manifest.split(self.plan.split).shards
+        return ", ".join(
+            f"{names[s].name} ({n} bad: {report.reasons.get(str(s), 'corrupt images')})"
+            for s, n in report.bad.most_common(3))
 
     def _bad(self, wp: WorkerPlan, report: WorkerReport, shard: int, key: str, reason: str
              ) -> None:
@@ -264,6 +267,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                     continue
                 s = next(samples, _END)
                 if s is _END:
+                    if last_good is None:
+                        raise _Stop(f"every sample worker {wp.worker} of rank {plan.rank} was "
+                                    f"planned to read in split '{plan.split}' is bad: "
+                                    f"{self._worst(report)}; nothing to train on")
                     raise _Stop(f"worker {wp.worker} ran out of samples in split "
                                 f"'{plan.split}' (plan error)")
                 if s is None or s is _BAD:
@@ -283,8 +290,6 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                 items.append(s)
             yield self._collate(items, batch_id)
             report.samples += sum(1 for _, label, _ in items if label >= 0)
-        if owed:
-            raise _Stop(f"worker {wp.worker}: every sample it read was bad; see warnings")
 
     def _collate(self, items: list[tuple[Image.Image, int, str]], batch_id: int) -> Any:
         plan = self.plan
