@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..errors import VitpipeError
 
 M = TypeVar("M", bound="StrictModel")
+
+# PipelineConfig has a `register` stage; pydantic warns that it shadows ABCMeta.register,
+# which no config ever calls. Silenced here so every CLI call is not prefixed by it.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 # Keys whose values must never reach logs, MLflow params or error messages.
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
@@ -74,6 +80,10 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
                 f"unknown key '{dotted}' in {source} (section: {where}){hint} "
                 f"Valid keys there: {', '.join(valid)}"
             )
+        elif e["type"] == "value_error":  # a cross-field check of a whole section
+            where = dotted or "top level"
+            text = e["msg"].removeprefix("Value error, ")
+            lines.append(f"invalid config in {source} (section: {where}): {text}")
         else:
             value = e.get("input")
             shown = "<hidden>" if any(m in dotted.lower() for m in SECRET_MARKERS) else repr(value)
@@ -89,8 +99,16 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
         raise ConfigError(format_validation_error(model, err, source)) from None
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
 def parse_value(text: str) -> Any:
-    """Parse an override value as YAML (numbers, bools, lists, null) or keep it a string."""
+    """Parse an override value as YAML (numbers, bools, lists, null) or keep it a string.
+
+    ``1e-3`` is a float here too (YAML 1.1 would read it as a string).
+    """
+    if _FLOAT.match(text.strip()):
+        return float(text)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

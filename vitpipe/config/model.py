@@ -1,18 +1,72 @@
-"""Model section: a named ViT variant plus overrides, checked for shape consistency."""
+"""Model section: a named ViT variant plus overrides, checked for shape consistency.
+
+The variant table lives here (plain data, no torch) so a config is checked completely when it
+is loaded: ``model.patch_size=5`` on a 28-pixel variant fails at ``vitpipe config show``, not
+minutes later inside a training job. ``vitpipe.models.registry`` builds from the same table.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from .base import StrictModel
 
+_DEFAULTS: dict[str, Any] = dict(
+    mlp_ratio=4.0, qkv_bias=True, pos_embed="learned", stem="patch", global_pool="token",
+    drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, layer_scale_init=None,
+    zero_head=False,
+)
+_IMAGENET = dict(img_size=224, in_chans=3, num_classes=1000)
+_FMNIST = dict(img_size=28, in_chans=1, num_classes=10)  # 28x28 grayscale, 10 classes
+# (embed_dim, depth, num_heads, patch sizes): ViT paper sizes + DeiT tiny/small
+_WIDTHS_224 = {"tiny": (192, 12, 3, (16,)), "small": (384, 12, 6, (16, 14)),
+               "base": (768, 12, 12, (16, 14, 32)), "large": (1024, 24, 16, (16, 14, 32)),
+               "huge": (1280, 32, 16, (16, 14))}
+# 28-pixel variants: narrow and shallow enough to train on two CPU cores
+_WIDTHS_28 = {"tiny": (96, 6, 3), "small": (192, 8, 6)}
+
+
+def _variants() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for size, (d, depth, heads, patches) in _WIDTHS_224.items():
+        for p in patches:
+            out[f"vit_{size}_patch{p}_224"] = dict(
+                _IMAGENET, patch_size=p, embed_dim=d, depth=depth, num_heads=heads)
+    for size, (d, depth, heads) in _WIDTHS_28.items():
+        for p in (4, 7):
+            out[f"vit_{size}_patch{p}_28"] = dict(
+                _FMNIST, patch_size=p, embed_dim=d, depth=depth, num_heads=heads)
+    d, depth, heads = _WIDTHS_28["tiny"]
+    out["vit_tiny_conv4_28"] = dict(  # hybrid: stride-2 conv stem instead of patchify
+        _FMNIST, patch_size=4, embed_dim=d, depth=depth, num_heads=heads, stem="conv")
+    return {k: {**_DEFAULTS, **v} for k, v in out.items()}
+
+
+MODEL_VARIANTS: dict[str, dict[str, Any]] = _variants()
+
+
+def shape_problems(kw: dict[str, Any]) -> list[str]:
+    """What is inconsistent in a complete set of model arguments (empty when fine)."""
+    problems = []
+    p, d = kw["patch_size"], kw["embed_dim"]
+    if kw["img_size"] % p:
+        problems.append(f"model.patch_size={p} does not divide model.img_size={kw['img_size']}")
+    if d % kw["num_heads"]:
+        problems.append(f"model.num_heads={kw['num_heads']} does not divide model.embed_dim={d}")
+    if kw["stem"] == "conv" and (p < 2 or p & (p - 1)):
+        problems.append(f"model.stem=conv needs a power-of-two model.patch_size, got {p}")
+    if kw["pos_embed"] == "sincos" and d % 4:
+        problems.append(f"model.pos_embed=sincos needs model.embed_dim divisible by 4, got {d}")
+    return problems
+
 
 class ModelConfig(StrictModel):
     """Which ViT to build. ``name`` picks a registered variant; set fields override it.
 
-    Fields left ``None`` take the variant's value (see ``vitpipe.models.registry``).
+    Fields left ``None`` take the variant's value (``MODEL_VARIANTS``; ``vitpipe model-info``).
     """
 
     name: str = "vit_tiny_patch4_28"
@@ -36,19 +90,25 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
-        if self.img_size and self.patch_size and self.img_size % self.patch_size:
+        if self.name not in MODEL_VARIANTS:
+            close = difflib.get_close_matches(self.name, MODEL_VARIANTS, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(
-                f"model.patch_size={self.patch_size} does not divide model.img_size={self.img_size}"
+                f"unknown model.name '{self.name}'{hint} Registered: "
+                f"{', '.join(sorted(MODEL_VARIANTS))}"
             )
-        if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}"
-            )
+        problems = shape_problems(self.resolved())
+        if problems:
+            raise ValueError(f"model {self.name}: " + "; ".join(problems))
         return self
 
     def overrides(self) -> dict:
         """The fields set explicitly (not None), as kwargs for ``build_model``."""
         return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+
+    def resolved(self) -> dict[str, Any]:
+        """Complete ``VisionTransformer`` kwargs: the variant's values with the overrides."""
+        return {**MODEL_VARIANTS[self.name], **self.overrides()}
 
 
 class MAEConfig(StrictModel):
