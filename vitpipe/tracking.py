@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,9 @@ def manifest_dataset(manifest: Any, manifest_uri: str, split: str):
             return super().to_dict() | {"profile": json.dumps(self._profile)}
 
     try:
-        source = resolve_dataset_source(manifest_uri)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(manifest_uri)
     except Exception:  # noqa: BLE001 - any unresolvable URI still gets a source
         source = HTTPDatasetSource(url=manifest_uri)
     sp = manifest.splits[split]
@@ -146,9 +149,11 @@ def manifest_dataset(manifest: Any, manifest_uri: str, split: str):
         "source_path": src_path,
         "source_digest": str(getattr(src, "digest", "")),
         "manifest_digest": str(manifest.digest),
+        "split_digest": split_digest(manifest, split),
     }
     name = f"{Path(src_path).name or 'shards'}-{split}"
-    return ManifestDataset(source, name, split_digest(manifest, split), profile)
+    # MLflow caps dataset digests at 36 characters; the full one is in the profile
+    return ManifestDataset(source, name, split_digest(manifest, split)[:36], profile)
 
 
 def split_digest(manifest: Any, split: str) -> str:

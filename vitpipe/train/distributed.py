@@ -30,12 +30,17 @@ def make_accelerator(cfg: TrainConfig):
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         backend = "gloo"
-    pg = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched: bound every collective
+        handlers.append(InitProcessGroupKwargs(backend=backend,
+                                               timeout=timedelta(seconds=cfg.dist.timeout_s)))
     try:
         return Accelerator(
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.accum_steps,
-            kwargs_handlers=[pg],
+            kwargs_handlers=handlers,
+            cpu=not torch.cuda.is_available(),
+            dynamo_backend="inductor" if cfg.train.compile else None,
         )
     except (RuntimeError, ValueError) as err:
         raise TrainingError(f"could not start the distributed run: {err}") from None

@@ -103,15 +103,12 @@ def _all_ok(acc, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def _loader_kwargs(make_loader: Callable, cfg: TrainConfig) -> dict[str, Any]:
-    """Optional ``make_loader`` keywords this build of vitpipe.data accepts."""
-    params = inspect.signature(make_loader).parameters
-    cand = {
-        "shuffle_buffer": cfg.data.shuffle_buffer,
-        "max_bad_fraction": cfg.data.max_bad_fraction,
-        "verify_sha256": cfg.data.verify_sha256,
-        "s3": cfg.data.s3,
-    }
+def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Loader settings from ``cfg.data`` (shuffle buffer, error budget, sha256, S3)."""
+    from ..data import loader as loader_mod
+
+    params = inspect.signature(loader_mod.make_loader).parameters
+    cand = {"data": cfg.data, "s3": cfg.data.s3}
     return {k: v for k, v in cand.items() if k in params}
 
 
@@ -240,7 +237,7 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     img_size = cfg.data.augment.img_size or (model.encoder.img_size if cfg.mode == "mae"
                                              else model.img_size)
     train_tf = build_train_transform(cfg.data.augment, manifest, img_size)
-    extra = _loader_kwargs(make_loader, cfg)
+    extra = _loader_kwargs(cfg)
     rank, world = acc.process_index, acc.num_processes
 
     def train_loader(epoch: int, start_sample: int = 0):
@@ -360,7 +357,7 @@ def _log_run_inputs(tracker: Tracker, cfg: TrainConfig, manifest: Any, plan: Pla
 def _check_compatible(state: dict[str, Any], cfg: TrainConfig, plan: Plan, where: str) -> None:
     """The data cursor is only meaningful for the same mode, world size and batch layout."""
     want = {"mode": cfg.mode, "world_size": plan.world_size, "micro_batch": plan.micro_batch,
-            "accum_steps": plan.accum_steps}
+            "accum_steps": plan.accum_steps, "num_workers": cfg.data.num_workers}
     diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
@@ -400,12 +397,14 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
     window_loss = torch.zeros(2, device=acc.device)
     t_window, n_window = time.perf_counter(), 0
     img_s = 0.0
+    eval_every = max(1, round(cfg.eval_every_epochs))
     model.train()
 
     def save(step: int) -> str:
         state = {"cursor": asdict(cursor), "scheduler": scheduler.state_dict(), "step": step,
                  "mode": cfg.mode, "world_size": plan.world_size, "micro_batch": plan.micro_batch,
-                 "accum_steps": plan.accum_steps, "mlflow_run_id": run_id,
+                 "accum_steps": plan.accum_steps, "num_workers": cfg.data.num_workers,
+                 "mlflow_run_id": run_id,
                  "model": cfg.model.name, "time": time.time()}
         uri = ckpt.save(step, state, ema)
         tracker.set_tags({"vitpipe.checkpoint": uri})
@@ -431,7 +430,9 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
                                                     cfg.train.clip_grad or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
+            pair = torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
+            window_loss += pair
+            epoch_loss += pair
             if not acc.sync_gradients:
                 continue
             # ---- one optimizer step done ----
@@ -449,7 +450,6 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
                 dt = time.perf_counter() - t_window
                 img_s = n_window * plan.effective_batch / max(dt, 1e-9)
                 wl = acc.reduce(window_loss, reduction="sum")
-                epoch_loss += wl
                 step_metrics = {"loss": float(wl[0] / wl[1].clamp_min(1)),
                                 "lr": scheduler.lr,
                                 "img_s": img_s}
@@ -478,9 +478,11 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
             cursor.epoch += 1
             cursor.batch_in_epoch = 0
         epoch_metrics: dict[str, float] = {"epoch": float(cursor.epoch)}
-        if epoch_loss[1] > 0:
-            epoch_metrics["epoch_loss"] = float(epoch_loss[0] / epoch_loss[1])
-        if val_loader is not None and (finished_epoch or cursor.step >= plan.total_steps):
+        el = acc.reduce(epoch_loss, reduction="sum")
+        if el[1] > 0:
+            epoch_metrics["epoch_loss"] = float(el[0] / el[1])
+        last = cursor.step >= plan.total_steps
+        if val_loader is not None and (last or (finished_epoch and cursor.epoch % eval_every == 0)):
             epoch_metrics["val_top1"] = top1(acc, model, val_loader)
             if ema is not None:
                 epoch_metrics["val_top1_ema"] = top1(acc, ema.module, val_loader)
@@ -546,7 +548,7 @@ def _log_reconstructions(mae, cfg: TrainConfig, acc, out_dir: Path, tracker: Tra
     tf = build_eval_transform(cfg.data.augment, manifest, mae.encoder.img_size)
     loader = make_loader(cfg.data.manifest, split, 8, rank=0, world_size=1, num_workers=0,
                          transform=tf, seed=cfg.seed, train=False,
-                         **_loader_kwargs(make_loader, cfg))
+                         **_loader_kwargs(cfg))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         images = next(iter(loader))[0]
