@@ -38,7 +38,8 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def _field_names(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+def _field_names(model: type[BaseModel], path: tuple[Any, ...],
+                 sections_only: bool = False) -> list[str]:
     """Valid keys at ``path`` inside ``model`` (walks nested StrictModel fields)."""
     current: Any = model
     for part in path:
@@ -49,7 +50,8 @@ def _field_names(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
             return []
         current = _model_in(field.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
+        return [name for name, f in current.model_fields.items()
+                if not sections_only or _model_in(f.annotation) is not None]
     return []
 
 
@@ -73,7 +75,10 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
         if e["type"] == "extra_forbidden":
             parent, key = loc[:-1], str(loc[-1])
             valid = _field_names(model, parent)
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            # a mapping under an unknown key was meant for a section: prefer section names
+            sections = _field_names(model, parent, sections_only=True)
+            pool = sections if isinstance(e.get("input"), dict) and sections else valid
+            close = difflib.get_close_matches(key, pool, n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join([*map(str, parent), close[0]])}'?" if close else ""
             where = ".".join(map(str, parent)) or "top level"
             lines.append(
