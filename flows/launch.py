@@ -130,14 +130,14 @@ def describe_failure(returncode: int, tail: list[str]) -> str:
 def run_training_process(
     cfg: TrainConfig,
     launch: LaunchConfig,
-    log: Callable[[str], None] | logging.Logger,
+    log: Callable[[str], None] | logging.Logger | logging.LoggerAdapter,
     resume: str | None = None,
     env: dict[str, str] | None = None,
     grace: float = 60.0,
     on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run one training stage under ``accelerate launch`` and return the trainer's result dict."""
-    emit = log.info if isinstance(log, logging.Logger) else log
+    emit = log.info if isinstance(log, logging.Logger | logging.LoggerAdapter) else log
     launch = launch_env_overrides(launch)
     with tempfile.TemporaryDirectory(prefix="vitpipe-launch-") as tmp:
         cfg_path = Path(tmp) / "train_config.json"
