@@ -69,7 +69,7 @@ class PixelStats:
         a = np.asarray(img, dtype=np.float64).reshape(-1, len(self.s)) / 255.0
         self.n += a.shape[0]
         self.s += a.sum(0)
-        self.ss += np.square(a).sum(0)
+        self.ss += np.einsum("ij,ij->j", a, a)
 
     def merge(self, other: PixelStats) -> None:
         self.n += other.n

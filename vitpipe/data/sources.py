@@ -34,12 +34,16 @@ FMNIST_FILES = {
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: ``key`` is stable across runs; ``origin`` says where it came from (errors)."""
+    """One image: ``key`` is stable across runs; ``origin`` says where it came from (errors).
+
+    ``image`` is the decoded image when the source has the pixels anyway (saves a decode).
+    """
 
     key: str
     data: bytes
     label: int
     origin: str
+    image: Image.Image | None = None
 
 
 class Source(ABC):
@@ -66,6 +70,9 @@ class Source(ABC):
         for split, n in self.splits().items():
             for i in range(n):
                 yield self.sample(split, i)
+
+
+_FMNIST_ARRAYS: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
 
 def _cache_dir() -> Path:
@@ -96,12 +103,15 @@ class FashionMNISTSource(Source):
         self.digest = _sha256_files([p for ps in self.files.values() for p in ps])
         from torchvision.datasets import FashionMNIST
 
-        root = self._layout()
         self.classes = list(FashionMNIST.classes)
-        self._data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for split in FMNIST_FILES:
-            ds = FashionMNIST(str(root), train=split == "train", download=False)
-            self._data[split] = (ds.data.numpy(), ds.targets.numpy().astype(np.int64))
+        self._data = _FMNIST_ARRAYS.get(self.digest) or {}
+        if not self._data:
+            root = self._layout()
+            for split in FMNIST_FILES:
+                ds = FashionMNIST(str(root), train=split == "train", download=False)
+                self._data[split] = (ds.data.numpy(), ds.targets.numpy().astype(np.int64))
+            _FMNIST_ARRAYS.clear()  # keep one dataset's arrays per process
+            _FMNIST_ARRAYS[self.digest] = self._data
 
     def _find(self, name: str) -> Path:
         for cand in (self.path / name, self.path / f"{name}.gz"):
@@ -145,10 +155,12 @@ class FashionMNISTSource(Source):
 
     def sample(self, split: str, index: int) -> Sample:
         x, y = self._data[split]
+        img = Image.fromarray(x[index], mode="L")
         buf = io.BytesIO()
-        Image.fromarray(x[index], mode="L").save(buf, format="PNG")
+        img.save(buf, format="PNG", compress_level=6)
+        img.format = "PNG"
         return Sample(f"{split}_{index:06d}", buf.getvalue(), int(y[index]),
-                      f"{self.path} [{split} #{index}]")
+                      f"{self.path} [{split} #{index}]", image=img)
 
     def info(self) -> SourceInfo:
         return SourceInfo(kind="fashion_mnist", path=str(self.path), digest=self.digest,

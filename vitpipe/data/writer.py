@@ -163,7 +163,7 @@ def _write_task(task: _Task) -> _Result:
     try:
         for i in task.indices:
             s = source.sample(task.src_split, int(i))
-            img = images.decode(s.data, s.origin)
+            img = s.image if s.image is not None else images.decode(s.data, s.origin)
             images.channels_of(img, s.origin)
             conv = images.to_mode(img, mode, s.origin)
             stats.add(conv)
