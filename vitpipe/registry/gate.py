@@ -45,9 +45,10 @@ class Decision:
         return asdict(self)
 
     def tags(self) -> dict[str, str]:
-        """Version tags (strings; absent values as empty strings so every key is present)."""
+        """Version tags (strings; absent values as empty strings so every key is present).
+        The candidate's own version number is the version itself, so it is not repeated."""
         return {f"{TAG}{k}": "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-                for k, v in self.as_dict().items()}
+                for k, v in self.as_dict().items() if k != "candidate_version"}
 
     def description(self) -> str:
         """Human-readable decision for the version's description in the registry UI."""

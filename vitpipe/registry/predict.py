@@ -93,16 +93,13 @@ def predict_cli(model_uri: str, images: list[str], top_k: int = 5, as_json: bool
 
 
 def _record(row: dict[str, Any]) -> dict[str, Any]:
-    err = row.get("error")
-    ok = not err
-    return {
-        "file": row["file"],
-        "label": row["label"] if ok else None,
-        "top_k": [{"label": lab, "index": int(i), "prob": float(p)} for lab, i, p in
-                  zip(row["top_k_labels"], row["top_k_indices"], row["top_k_probs"])] if ok
-        else [],
-        "error": err if err else None,
-    }
+    err = row.get("error") or None
+    top = [] if err else [
+        {"label": lab, "index": int(i), "prob": float(p)}
+        for lab, i, p in zip(row["top_k_labels"], row["top_k_indices"], row["top_k_probs"],
+                             strict=True)]
+    return {"file": row["file"], "label": None if err else row["label"], "top_k": top,
+            "error": err}
 
 
 def _table(records: list[dict[str, Any]]) -> str:

@@ -16,6 +16,9 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ import vitpipe
 
 from ..config import ConfigError, RegisterConfig, TrackingConfig, TrainConfig
 from ..errors import TrackingError
-from .client import connect, is_not_found, tracking_errors
+from .client import connect, is_already_exists, is_not_found, tracking_errors
 from .gate import TAG, Contender, Decision, decide
 from .lock import gate_lock
 from .pyfunc import (
@@ -77,52 +80,75 @@ def register(cfg: RegisterConfig) -> dict[str, Any]:
         weights_sha = hashlib.sha256(files[ART_WEIGHTS].read_bytes()).hexdigest()
         model_uri = _log_pyfunc(uri, run, files, cfg.top_k, example)
     tags = _lineage_tags(run, manifest, weights_sha)
-    with tracking_errors(f"registering {model_uri} as '{cfg.model_name}'", uri):
-        mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
-        client.set_registered_model_alias(cfg.model_name, CHALLENGER, mv.version)
-    candidate = Contender(version=str(mv.version), value=run.data.metrics.get(cfg.metric),
+    name = cfg.model_name
+
+    def create(decision: Decision) -> str:
+        """The new version, born with its lineage and decision tags (one request), and the
+        ``challenger`` alias."""
+        with tracking_errors(f"registering {model_uri} as '{name}'", uri):
+            try:
+                client.create_registered_model(name)
+            except MlflowException as err:
+                if not is_already_exists(err):
+                    raise
+            mv = client.create_model_version(
+                name, source=model_uri, run_id=cfg.run_id, tags={**tags, **decision.tags()},
+                description=decision.description(), model_id=model_id)
+            client.set_registered_model_alias(name, CHALLENGER, mv.version)
+        return str(mv.version)
+
+    model_id = model_uri.removeprefix("models:/")
+    candidate = Contender(version="", value=run.data.metrics.get(cfg.metric),
                           digest=_eval_digest(run.data.tags))
-    decision = promote(client, cfg, candidate)
+    decision = promote(client, cfg, candidate, create=create)
+    version = decision.candidate_version
     return {
-        "model_name": cfg.model_name,
-        "version": str(mv.version),
-        "model_uri": f"models:/{cfg.model_name}/{mv.version}",
+        "model_name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
         "logged_model_uri": model_uri,
         "run_id": cfg.run_id,
         "promoted": decision.promoted,
         "decision": decision.as_dict(),
         "previous_champion": decision.previous_champion,
-        "champion": decision.candidate_version if decision.promoted else
-        decision.previous_champion,
+        "champion": version if decision.promoted else decision.previous_champion,
     }
 
 
-def promote(client: MlflowClient, cfg: RegisterConfig, candidate: Contender) -> Decision:
+def promote(client: MlflowClient, cfg: RegisterConfig, candidate: Contender,
+            create: Callable[[Decision], str] | None = None) -> Decision:
     """Run the gate for ``candidate`` and move ``champion`` if it wins; record the decision.
 
-    Serialised by :func:`gate_lock`; inside it the champion is read, the decision made, and the
-    champion re-read right before the alias moves (re-deciding if it changed meanwhile, e.g.
-    moved by hand). The remaining window is documented in :mod:`vitpipe.registry.lock`.
+    Serialised by :func:`gate_lock`. Inside it: read the champion, decide, record (``create``,
+    when given, registers the candidate version with the decision already in its tags, else the
+    tags are set on the existing ``candidate.version``), then re-read the champion right before
+    moving the alias; if it changed meanwhile (someone bypassing the lock), decide again.
+    The remaining race window is documented in :mod:`vitpipe.registry.lock`.
     """
     name = cfg.model_name
+    gate = partial(decide, metric=cfg.metric, higher_is_better=cfg.higher_is_better,
+                   margin=cfg.margin, digest_mismatch=cfg.digest_mismatch)
     with gate_lock(client, name, ttl=cfg.lock_ttl_s, timeout=cfg.lock_timeout_s):
+        champ_mv = alias_version(client, name, CHAMPION)
+        decision = gate(candidate, contender_of(client, champ_mv, cfg.metric) if champ_mv
+                        else None)
+        if create is not None:
+            candidate = replace(candidate, version=create(decision))
+            decision = replace(decision, candidate_version=candidate.version)
+        else:
+            record_decision(client, name, decision)
         for _attempt in range(5):
-            champ_mv = alias_version(client, name, CHAMPION)
-            champ = contender_of(client, champ_mv, cfg.metric) if champ_mv else None
-            decision = decide(candidate, champ, metric=cfg.metric,
-                              higher_is_better=cfg.higher_is_better, margin=cfg.margin,
-                              digest_mismatch=cfg.digest_mismatch)
             if not decision.promoted:
-                break
-            now = alias_version(client, name, CHAMPION)
+                return decision
+            now = alias_version(client, name, CHAMPION)  # the re-check, right before the move
             if _num(now) == _num(champ_mv):
                 client.set_registered_model_alias(name, CHAMPION, candidate.version)
-                break
-        else:
-            raise TrackingError(f"the champion alias of '{name}' kept moving during promotion "
-                                f"of v{candidate.version}; not promoted, retry later")
-        record_decision(client, name, decision)
-    return decision
+                return decision
+            champ_mv = now
+            decision = gate(candidate, contender_of(client, now, cfg.metric) if now else None)
+            record_decision(client, name, decision)
+        raise TrackingError(f"the champion alias of '{name}' kept moving during promotion "
+                            f"of v{candidate.version}; not promoted, retry later")
 
 
 def record_decision(client: MlflowClient, name: str, decision: Decision) -> None:

@@ -10,6 +10,7 @@ Used by ``vitpipe stack`` and by the tests' ``mlflow_server`` fixture, so both r
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,3 +94,73 @@ def start_mlflow_server(
     proc.start(timeout=timeout)
     return MlflowServer(process=proc, host=host, port=port, backend_store_uri=backend,
                         artifacts_destination=dest, env=env)
+
+
+@dataclass
+class ModelServer:
+    """A running ``mlflow models serve``; POST JSON to ``invocations_url``."""
+
+    process: ManagedProcess
+    host: str
+    port: int
+    model_uri: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def invocations_url(self) -> str:
+        return f"{self.url}/invocations"
+
+    def stop(self) -> None:
+        self.process.stop(grace=5.0)
+
+    def __enter__(self) -> ModelServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_model_server(
+    model_uri: str,
+    tracking_uri: str,
+    log_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    workers: int = 1,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> ModelServer:
+    """``mlflow models serve -m <model_uri> --env-manager local``; wait until ``/ping`` is 200.
+
+    ``--env-manager local`` serves from this Python environment (vitpipe installed), which is
+    what the registered pyfunc declares it needs.
+    """
+    port = port or free_port(host)
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+            "--env-manager", "local", "-h", host, "-p", str(port), "-w", str(workers)]
+    proc = ManagedProcess(
+        name=f"mlflow models serve {model_uri}", argv=argv,
+        log_path=Path(log_dir) / f"model-server-{port}.log", health_url=f"http://{host}:{port}/ping",
+        # uvicorn is launched by name: this interpreter's bin dir must come first on PATH
+        env={**(env or {}), "MLFLOW_TRACKING_URI": tracking_uri,
+             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+             "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+    )
+    proc.start(timeout=timeout, ready=lambda: _ping_ok(f"http://{host}:{port}/ping"))
+    return ModelServer(process=proc, host=host, port=port, model_uri=model_uri)
+
+
+def _ping_ok(url: str) -> bool:
+    """``http_ok`` accepts 4xx; the scoring server must answer 200 once the model is loaded."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return False
