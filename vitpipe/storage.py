@@ -143,7 +143,7 @@ def _translate(err: Exception, uri: str, s3: S3Config | None, action: str) -> Ex
                          "and that the server is running")
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
-        if code == "NoSuchBucket":
+        if code == "NoSuchBucket" or (not key and code in ("404", "NotFound", "NoSuchKey")):
             return DataError(f"cannot {action} {where}: bucket '{bucket}' does not exist; "
                              "create it or fix the URI")
         if code in ("NoSuchKey", "404", "NotFound"):

@@ -119,6 +119,7 @@ class SeaweedS3:
             f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + GRPC_OFFSET}",
             f"-s3.config={cfg}", "-master.volumeSizeLimitMB=256", "-volume.max=0",
             "-master.telemetry=false", "-volume.preStopSeconds=0",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # default ports would clash
         ]
         self.process = ManagedProcess("seaweedfs", argv, self.data_dir / "weed.log",
                                       health_url=f"{self.endpoint_url}/")
