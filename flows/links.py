@@ -60,3 +60,14 @@ def model_version_link(tracking: TrackingConfig, name: str, version: str | int |
     if base is None:
         return f"`{text}`"
     return f"[{text}]({base}/#/models/{quote(name)}/versions/{version})"
+
+
+def run_charts_link(tracking: TrackingConfig, run_id: str | None) -> str:
+    """Markdown link to a run's metric charts (the training curves), or how to see them."""
+    base = ui_base(tracking)
+    if not run_id:
+        return "-"
+    if base is None:
+        return f"`mlflow ui --backend-store-uri {tracking_uri(tracking)}`, run `{run_id}`"
+    exp = experiment_id(tracking, run_id) or "0"
+    return f"[metric charts]({base}/#/experiments/{exp}/runs/{run_id}/model-metrics)"

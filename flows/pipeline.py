@@ -197,7 +197,7 @@ def _weights_ref(res: dict[str, Any], how: str) -> str:
     return str(res["weights"])
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", log_prints=True, persist_result=True, result_serializer="json")
 def pipeline(
     config: PipelineConfig | None = None,
     preset: str | None = None,
@@ -252,6 +252,7 @@ def pipeline(
         "metrics": ev["metrics"],
         "per_class": ev.get("per_class", {}),
         "plots": ev.get("artifacts", {}),
+        "plot_urls": ev.get("plot_urls", {}),
         "model_name": reg["model_name"],
         "model_version": reg["version"],
         "model_uri": reg["model_uri"],
@@ -281,6 +282,7 @@ def _publish(cfg: PipelineConfig, s: dict[str, Any]) -> None:
         f"- promotion: **{'promoted to champion' if s['promoted'] else 'not promoted'}**"
         f" - {s['decision'].get('reason', '')}",
         f"- fine-tune run: {links.run_link(tr, s['finetune_run_id'])}",
+        *[f"- plot: [{k}]({u})" for k, u in s["plot_urls"].items()],
     ]
     if s["pretrain_run_id"]:
         lines.append(f"- pretrain run: {links.run_link(tr, s['pretrain_run_id'])}")

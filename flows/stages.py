@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -122,26 +123,29 @@ def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[
         resume = "auto"
         log.warning("attempt %d of %s: resuming from the newest checkpoint in %s",
                     attempt, stage, config.checkpoint.dir)
-    env = {"VITPIPE_PREFECT_FLOW_RUN_ID": str(flow_run.get_id() or "")}
+    # The trainer tags its MLflow run with this id (lineage: model version -> flow run).
+    run_ref = str(flow_run.get_id() or "")
+    env = {"PREFECT__FLOW_RUN_ID": run_ref, "VITPIPE_PREFECT_FLOW_RUN_ID": run_ref}
     result = run_training_process(config, launch, log, resume=resume, env=env,
                                   grace=launch.grace_seconds)
     run_id = result.get("run_id")
     metrics = {k: v for k, v in (result.get("metrics") or {}).items()
                if isinstance(v, int | float)}
-    curve = result.get("curve_artifact") or "plots/training_curve.png"
-    url = links.artifact_url(config.tracking, run_id, curve) if run_id else None
-    if url:
-        create_image_artifact(image_url=url, key=_key(stage, "curve"),
-                              description=f"{stage}: training curve (MLflow artifact)")
+    charts = links.run_charts_link(config.tracking, run_id)
+    if config.mode == "mae" and run_id:
+        url = links.artifact_url(config.tracking, run_id, "plots/mae_reconstructions.png")
+        if url:
+            create_image_artifact(image_url=url, key=_key(stage, "reconstructions"),
+                                  description=f"{stage}: MAE reconstructions (MLflow artifact)")
     create_markdown_artifact(
         key=_key(stage, "summary"),
         description=f"{stage}: training summary",
         markdown=(
             f"## {stage} ({config.mode})\n\n- MLflow run: {links.run_link(config.tracking, run_id)}"
+            f"\n- training curves: {charts}"
             f"\n- steps: {result.get('steps')}\n- weights: `{result.get('weights')}`"
             f"\n- checkpoints: `{result.get('checkpoint_dir')}`\n- attempt: {attempt}"
-            + (f"\n- training curve: [{curve}]({url})" if url else
-               f"\n- training curve: MLflow artifact `{curve}` of the run")
+            + ("" if attempt == 1 else " (resumed from the newest checkpoint)")
             + "\n\n| metric | value |\n|---|---|\n"
             + "".join(f"| {k} | {v:.4g} |\n" for k, v in sorted(metrics.items()))
         ),
@@ -149,7 +153,6 @@ def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[
     return {"run_id": run_id, "weights": result.get("weights"),
             "checkpoint_dir": result.get("checkpoint_dir"), "steps": result.get("steps"),
             "metrics": metrics, "attempt": attempt,
-            "resumed_from_step": result.get("resumed_from_step"),
             "seconds": round(time.monotonic() - t0, 3)}
 
 
@@ -177,6 +180,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
     per_class = per_class_accuracy(result)
     artifacts = {k: str(v) for k, v in (result.get("artifacts") or {}).items()}
+    images = {}
+    for name, path in artifacts.items():
+        url = (links.artifact_url(config.tracking, config.run_id, f"plots/{Path(path).name}")
+               if config.run_id and path.endswith(".png") else None)
+        if url:
+            images[name] = url
+            if name in ("training_curves", "confusion_matrix"):
+                create_image_artifact(image_url=url, key=_key("evaluate", name),
+                                      description=f"{name} (MLflow artifact of the run)")
     create_markdown_artifact(
         key=_key("evaluate", config.split),
         description=f"evaluation on {config.split}",
@@ -185,7 +197,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             f"- MLflow run: {links.run_link(config.tracking, config.run_id)}\n\n"
             "| metric | value |\n|---|---|\n"
             + "".join(f"| {k} | {v:.4g} |\n" for k, v in sorted(metrics.items()))
-            + "\n**Plots**\n\n" + "".join(f"- {k}: `{v}`\n" for k, v in artifacts.items())
+            + "\n**Plots**\n\n"
+            + "".join(f"- {k}: `{v}`" + (f" ([MLflow]({images[k]}))" if k in images else "")
+                      + "\n" for k, v in artifacts.items())
         ),
     )
     if per_class:
@@ -194,6 +208,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                                      for c, a in per_class.items()],
                               description=f"per-class accuracy on {config.split}")
     return {"metrics": metrics, "per_class": per_class, "artifacts": artifacts,
+            "plot_urls": images,
             "split": config.split, "run_id": config.run_id,
             "seconds": round(time.monotonic() - t0, 3)}
 

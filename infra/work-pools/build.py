@@ -88,9 +88,8 @@ def kubernetes_template(multinode: bool = False) -> dict[str, Any]:
     job = t["job_configuration"]["job_manifest"]
     spec = job["spec"]
     pod = spec["template"]["spec"]
-    # The default puts these in the pod spec, where Kubernetes ignores them.
-    pod.pop("completions", None)
-    pod.pop("parallelism", None)
+    # prefect-kubernetes' manifest check requires completions/parallelism in the *pod* spec
+    # (its default template has them there); Kubernetes drops them. The Job-level ones count.
     spec["backoffLimit"] = 0
     spec["completions"] = 1
     spec["parallelism"] = 1
