@@ -71,8 +71,8 @@ def test_gate_promotes_better_and_keeps_champion_against_worse(world):
     assert "does not beat" in r3["decision"]["reason"]
     assert r3["decision"]["candidate_value"] == 0.84 and r3["decision"]["champion_value"] == 0.85
     client = MlflowClient(world["uri"])
-    assert client.get_model_version_by_alias(NAME, "champion").version == r2["version"]
-    assert client.get_model_version_by_alias(NAME, "challenger").version == r3["version"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == r2["version"]
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == r3["version"]
     for res in (r1, r2, r3):  # every decision recorded on its version
         mv = client.get_model_version(NAME, res["version"])
         assert mv.tags["vitpipe.gate.promoted"] == str(res["promoted"]).lower()

@@ -6,8 +6,10 @@ manifest (class names, channels, normalisation). Preprocessing happens in ``pred
 same ``build_eval_transform`` the evaluator used, so a served model cannot drift from the
 trained one. Loading needs only ``vitpipe`` installed (it carries torch, pillow, safetensors).
 
-Input (one image per row): a DataFrame column ``image`` (or a list, a Series, a single value)
-holding encoded bytes, base64 text, file paths, numpy arrays or PIL images. Output: a DataFrame,
+Input (one image per row): a DataFrame column ``image``, ``{"image": [...]}``, a list, a Series or
+a single value, holding encoded bytes, base64 text, file paths, numpy arrays or PIL images
+(through ``mlflow.pyfunc.load_model``, arrays must sit in a DataFrame column or the dict: MLflow
+turns a bare list of arrays into a 2-D frame first). Output: a DataFrame,
 one row per input row, with ``label``, ``top_k_labels``, ``top_k_indices``, ``top_k_probs`` and
 ``error`` (None, or why that row could not be read; the other rows are still predicted).
 """
@@ -37,9 +39,12 @@ _CHUNK = 256  # images per forward pass: bounds memory for large requests
 
 
 def signature(top_k: int) -> ModelSignature:
-    """Input: column ``image`` of base64 text (what JSON can carry; bytes/paths/arrays pass too,
-    the string type does not coerce object columns). Output as in the module docstring."""
-    inputs = Schema([ColSpec("string", INPUT_COLUMN)])
+    """Input: one unnamed string column (base64 text is what JSON carries; bytes, paths and
+    arrays pass too, since MLflow does not coerce object columns to string). Unnamed, so that
+    MLflow's schema enforcement accepts a plain list, a Series or a single value as well as a
+    DataFrame column ``image``/``{"image": [...]}``; a named column would reject all but the
+    last two. Output as in the module docstring."""
+    inputs = Schema([ColSpec("string")])
     outputs = Schema([
         ColSpec("string", "label", required=False),
         ColSpec(Array("string"), "top_k_labels"),

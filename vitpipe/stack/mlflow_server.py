@@ -88,8 +88,11 @@ def start_mlflow_server(
     proc = ManagedProcess(
         name="mlflow server", argv=argv, log_path=data / "mlflow-server.log",
         health_url=f"http://{host}:{port}/health",
-        # Server-side telemetry and the tracing/job extras are not needed locally.
-        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+        # No telemetry; and no background job runner: by default the server forks a runner
+        # plus ~7 huey consumer processes (GenAI jobs vitpipe never submits), which on a small
+        # machine costs more CPU and start-up time than the server itself.
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     proc.start(timeout=timeout)
     return MlflowServer(process=proc, host=host, port=port, backend_store_uri=backend,
