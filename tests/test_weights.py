@@ -68,7 +68,7 @@ def test_pickles_are_read_weights_only(tmp_path: Path) -> None:
             return (os.mkdir, (str(marker),))
 
     for i, write in enumerate((lambda p: torch.save({"w": Evil()}, p),
-                               lambda p: p.write_bytes(pickle.dumps({"w": Evil()})))):
+                               lambda p: p.write_bytes(pickle.dumps({"w": Evil()}, protocol=2)))):
         evil = tmp_path / f"evil{i}.bin"
         write(evil)
         with pytest.raises(CheckpointError, match="weights_only"):

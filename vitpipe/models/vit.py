@@ -49,6 +49,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"patch_size={patch_size} does not divide img_size={img_size}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
