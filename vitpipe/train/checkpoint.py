@@ -105,6 +105,7 @@ class CheckpointManager:
         self.staging = Path(staging)
         self.s3 = s3
         self.remote = remote.is_remote(self.root)
+        self.last_saved: str | None = None
 
     # ----------------------------------------------------------------- discovery
     def complete(self) -> list[tuple[int, str]]:
@@ -139,7 +140,7 @@ class CheckpointManager:
             Path(self.root).mkdir(parents=True, exist_ok=True)
             tmp, final = Path(self.root) / f".tmp-{name}", str(Path(self.root) / name)
         if acc.is_local_main_process and tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         rank = acc.process_index
@@ -178,6 +179,7 @@ class CheckpointManager:
         if self.remote and acc.is_local_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
+        self.last_saved = final
         return final
 
     def rotate(self) -> None:

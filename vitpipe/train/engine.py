@@ -274,12 +274,14 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
         ema.module.to(acc.device)
     ckpt = CheckpointManager(acc, cfg.checkpoint.dir, cfg.checkpoint.keep_last,
                              out_dir / ".ckpt_staging", cfg.data.s3)
-    cursor, run_id = Cursor(), None
+    cursor, run_id, resumed_step = Cursor(), None, None
     resume_from = _all_ok(acc, lambda: ckpt.resolve(cfg.checkpoint.resume))
     if resume_from:
         state = _all_ok(acc, lambda: ckpt.load(resume_from, model, ema))
         _check_compatible(state, cfg, plan, resume_from)
         cursor = Cursor(**state["cursor"])
+        resumed_step = cursor.step
+        ckpt.last_saved = resume_from
         scheduler.load_state_dict(state["scheduler"])
         _check_optimizer_step(optimizer, cursor.step, cfg, resume_from)
         run_id = state.get("mlflow_run_id")
@@ -324,11 +326,35 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
         stop.restore()
         if status != "FINISHED":
             tracker.end(status)
+    _check_replicas(acc, model, cursor.step)
     weights = _export(cfg, acc, model, ema, out_dir, tracker, manifest)
     tracker.end("FINISHED")
     return {"run_id": run_id, "weights": str(weights), "checkpoint_dir": cfg.checkpoint.dir,
-            "checkpoint": ckpt.latest() if acc.is_main_process else None,
+            "checkpoint": ckpt.last_saved, "resumed_from_step": resumed_step,
             "steps": cursor.step, "metrics": metrics}
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes (fp32, CPU), in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(strip_prefixes(name).encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_replicas(acc, model, steps: int) -> None:
+    """Every rank reports its steps and parameter digest; diverged replicas are an error."""
+    from accelerate.utils import gather_object
+
+    mine = (acc.process_index, steps, param_digest(acc.unwrap_model(model)))
+    reports = gather_object([mine]) if acc.num_processes > 1 else [mine]
+    for r, n, d in reports:
+        acc.print(f"rank {r}/{acc.num_processes}: {n} steps, param digest {d[:16]}")
+    if len({(n, d) for _, n, d in reports}) != 1:
+        raise TrainingError(f"replicas diverged at the end of training: {reports}")
 
 
 def _open_run(tracker: Tracker, run_id: str | None, tags: dict[str, str],
