@@ -1,0 +1,81 @@
+"""``evaluate(cfg)`` on weights trained by the engine: metrics, plots, metrics.json, logging
+into the training run, and clear errors for bad weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.test_train_support import TINY, make_shards, train_cfg
+from vitpipe.config import EvaluateConfig, load
+from vitpipe.errors import CheckpointError
+from vitpipe.train import train
+
+MODEL = [o for o in TINY if o.startswith("model.")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    shards = make_shards(tmp_path_factory.getbasetemp() / "shards", 300, 50)
+    res = train(train_cfg(tmp, shards, "data.batch_size=40", "train.epochs=2", "train.lr=2e-3",
+                          "log_every_n_steps=2", "train.ema_decay=0.9"))
+    return tmp, shards, res
+
+
+def _cfg(tmp, shards, *extra):
+    return load(EvaluateConfig, None, [
+        f"data.manifest={shards}", "split=test", f"output_dir={tmp}/eval",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.num_workers=0", "ece_bins=10",
+        "num_attention_images=4", "data.eval_batch_size=64", *MODEL, *extra])
+
+
+def test_evaluate_logs_into_training_run(trained):
+    tmp, shards, res = trained
+    from vitpipe.evaluate import evaluate
+
+    out = evaluate(_cfg(tmp, shards, f"run_id={res['run_id']}"))  # weights from the run
+    assert out["test_num_samples"] == 300
+    assert 0.1 < out["test_top1"] <= out["test_top5"] <= 1
+    assert 0 <= out["test_ece"] <= 1
+    assert set(out["per_class_accuracy"]) == {"T-shirt/top", "Trouser", "Pullover", "Dress",
+                                              "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                                              "Ankle boot"}
+    assert sum(map(sum, out["confusion_matrix"])) == 300
+    for name in ("confusion_matrix", "reliability", "training_curves", "attention",
+                 "metrics_json"):
+        assert name in out["artifacts"], out["artifacts"]
+    for path in out["artifacts"].values():
+        if path.endswith(".png"):
+            assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    payload = json.loads(Path(out["artifacts"]["metrics_json"]).read_text())
+    assert payload["metrics"]["test_top1"] == out["test_top1"]
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    run = client.get_run(res["run_id"])
+    assert run.data.metrics["test_top1"] == pytest.approx(out["test_top1"])
+    assert run.data.tags["vitpipe.eval_digest"] == payload["dataset_digest"]
+    assert run.info.status == "FINISHED"
+    plots = {a.path for a in client.list_artifacts(res["run_id"], "plots")}
+    assert {"plots/test_confusion_matrix.png", "plots/test_reliability.png",
+            "plots/training_curves.png", "plots/test_attention_rollout.png"} <= plots
+    evaluate_run = client.list_artifacts(res["run_id"], "eval")
+    assert [a.path for a in evaluate_run] == ["eval/metrics.json"]
+
+
+def test_ema_weights_and_bad_weights(trained):
+    tmp, shards, res = trained
+    from vitpipe.evaluate import evaluate
+
+    ema = evaluate(_cfg(tmp, shards, f"weights={tmp}/out/model_ema.safetensors",
+                        "num_attention_images=0", f"output_dir={tmp}/eval_ema"))
+    assert ema["test_num_samples"] == 300 and ema["run_id"]  # a fresh evaluation run
+    bad = tmp / "other.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(bad))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        evaluate(_cfg(tmp, shards, f"weights={bad}"))
