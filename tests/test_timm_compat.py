@@ -9,7 +9,7 @@ import timm
 import torch
 
 from vitpipe.errors import CheckpointError
-from vitpipe.models import VisionTransformer
+from vitpipe.models import VisionTransformer, build_model
 from vitpipe.models.timm_compat import convert_timm_state_dict, is_timm_state_dict
 from vitpipe.weights import load_pretrained, load_timm_file, save_safetensors
 
@@ -104,3 +104,29 @@ def test_load_pretrained_accepts_timm_and_resamples() -> None:
     assert report["resampled"] == ["pos_embed.weight 4x4 -> 6x6"]
     assert report["reinitialized"] == ["head.weight", "head.bias"]
     torch.testing.assert_close(ours.blocks[1].mlp.fc2.weight, ref.blocks[1].mlp.fc2.weight)
+
+
+SHARED_NAMES = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+                "vit_base_patch32_224", "vit_large_patch16_224", "vit_large_patch14_224",
+                "vit_huge_patch14_224"]
+
+
+@pytest.mark.parametrize("name", SHARED_NAMES)
+def test_named_variants_have_timms_architecture(name: str) -> None:
+    """Same name, same network: every converted timm tensor has our key and shape (meta)."""
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False, num_classes=1000)
+        ours = build_model(name)
+    converted = {k: tuple(v.shape) for k, v in convert_timm_state_dict(ref.state_dict()).items()}
+    assert converted == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+
+
+def test_create_model_logits_match() -> None:
+    kw = dict(img_size=32, patch_size=8, depth=2, num_classes=7)
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_small_patch16_224", pretrained=False, **kw).eval()
+    ours = build_model("vit_small_patch16_224", **kw).eval()
+    ours.load_state_dict(convert_timm_state_dict(ref.state_dict()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-4
