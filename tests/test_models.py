@@ -287,3 +287,26 @@ def test_gradients_reach_every_parameter() -> None:
     m = tiny(pos_embed="factorized", layer_scale_init=0.1).train()
     F.cross_entropy(m(torch.randn(2, 3, 16, 16)), torch.tensor([0, 1])).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+@pytest.mark.parametrize("over", [{}, {"layer_scale_init": 0.1, "qkv_bias": False},
+                                  {"global_pool": "avg"}])
+def test_forward_equals_full_features_path_with_gradients(over: dict) -> None:
+    """forward() runs the last block for the class token only: same logits, same gradients."""
+    m = tiny(**over).double().train()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    fast = m(x)
+    fast.square().sum().backward()
+    g_fast = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    full = m.forward_head(m.forward_features(x))
+    full.square().sum().backward()
+    torch.testing.assert_close(fast, full)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(g_fast[n], p.grad, msg=n)
+
+
+def test_forward_queries_matches_full_block() -> None:
+    blk = Block(32, 4, layer_scale_init=0.5).eval()
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(blk.forward_queries(x, 3), blk(x)[:, :3])

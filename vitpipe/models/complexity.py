@@ -85,6 +85,22 @@ def forward_flops(kw: dict[str, Any], tokens: int | None = None, head: bool = Tr
     return total
 
 
+def logits_flops(kw: dict[str, Any]) -> int:
+    """Forward FLOPs per image of ``VisionTransformer.forward`` (what training executes).
+
+    With class-token pooling the last block computes its queries, projection and MLP for
+    the class token only (keys/values for all T tokens), see ``VisionTransformer.forward``.
+    """
+    full = forward_flops(kw)
+    if kw["global_pool"] != "token" or kw["depth"] == 0:
+        return full
+    d, m = kw["embed_dim"], int(kw["embed_dim"] * kw["mlp_ratio"])
+    _, _, n = _grid(kw)
+    t = n + 1
+    last = 2 * d * d + 4 * t * d * d + 4 * t * d + 2 * d * d + 4 * d * m  # q, kv, attn, proj, MLP
+    return full - block_flops(t, d, m) + last
+
+
 def mae_forward_flops(kw: dict[str, Any], mask_ratio: float, decoder_embed_dim: int,
                       decoder_depth: int) -> int:
     """Forward FLOPs per image of ``MaskedAutoencoder`` (the encoder sees visible tokens only)."""
@@ -106,7 +122,7 @@ def activation_bytes(kw: dict[str, Any], batch_size: int = 1, bytes_per_el: int 
     input TD, q/k/v 3 TD (one qkv buffer), the attention output TD (also the proj input),
     the fc1 input TD, GELU input and fc2 input 2 TM, plus layer-scale inputs 2 TD when
     enabled. Then the stem's inputs (conv, BatchNorm and GELU inputs per conv-stem stage)
-    and the final norm's input.
+    and the final norm's input. Within ~5% of autograd's saved storages (tested).
     """
     d, m = kw["embed_dim"], int(kw["embed_dim"] * kw["mlp_ratio"])
     _, _, n = _grid(kw)
@@ -118,7 +134,14 @@ def activation_bytes(kw: dict[str, Any], batch_size: int = 1, bytes_per_el: int 
         for cout in _stem_widths(kw):
             size = (size + 1) // 2
             stem += 3 * cout * size * size  # BatchNorm input, GELU input, next conv input
-    per_image = kw["depth"] * per_block + t * d + stem
+    if kw["global_pool"] == "token" and kw["depth"]:
+        # last block runs the class token only (see logits_flops): its LN1 input, qkv input,
+        # k/v for all tokens, then single-token tensors; the final norm sees one token
+        ls = 2 * d if kw["layer_scale_init"] else 0
+        last = 4 * t * d + 6 * d + 2 * m + ls
+        per_image = (kw["depth"] - 1) * per_block + last + d + stem
+    else:
+        per_image = kw["depth"] * per_block + t * d + stem
     return per_image * batch_size * bytes_per_el
 
 
@@ -147,8 +170,9 @@ def model_info(name: str, overrides: dict[str, Any] | list[str] | None = None,
     return {
         "name": name,
         "params": count_params(kw),
-        "gflops": fwd / 1e9,
-        "train_gflops": 3 * fwd / 1e9,  # forward + backward (2x forward)
+        "gflops": fwd / 1e9,  # every token through every block: the figure usually quoted
+        "logits_gflops": logits_flops(kw) / 1e9,  # what forward() executes
+        "train_gflops": 3 * logits_flops(kw) / 1e9,  # forward + backward (2x forward)
         "activation_bytes": activation_bytes(kw, batch_size),
         "batch_size": batch_size,
         "grid": (gh, gw),
@@ -171,7 +195,8 @@ def model_info_text(name: str, overrides: list[str] | None = None, batch_size: i
         f"params       {info['params'] / 1e6:.2f}M ({info['params']:,})",
         f"tokens       {info['tokens']} ({gh}x{gw} patches + {info['tokens'] - gh * gw} prefix)",
         f"GFLOPs       {info['gflops']:.3f} forward / image = {info['gflops'] / 2:.3f} GMACs "
-        f"({info['train_gflops']:.3f} GFLOPs per training step / image)",
+        f"(logits only: {info['logits_gflops']:.3f}; "
+        f"{info['train_gflops']:.3f} per training step / image)",
         f"activations  {info['activation_bytes'] / 2**20:.1f} MiB fp32 for a training step "
         f"at batch {batch_size}",
     ])

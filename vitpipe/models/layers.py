@@ -111,6 +111,22 @@ class Attention(nn.Module):
         return (x, attn) if return_attn else x
 
 
+    def forward_queries(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Outputs (B, n, D) for the first ``n`` tokens only; all T tokens stay keys/values.
+
+        Same numbers as ``forward(x)[:, :n]`` without the other T - n queries' work.
+        """
+        B, T, D = x.shape
+        w_q, w_kv = self.qkv.weight.split([D, 2 * D])
+        b_q, b_kv = self.qkv.bias.split([D, 2 * D]) if self.qkv.bias is not None else (None, None)
+        q = F.linear(x[:, :n], w_q, b_q).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = F.linear(x, w_kv, b_kv).view(B, T, 2, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training
+                                           else 0.0)  # (B, h, n, hd)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, n, D)))
+
+
 class Mlp(nn.Module):
     """Two-layer GELU MLP: D -> hidden -> D."""
 
@@ -179,3 +195,8 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return (x, attn) if return_attn else x
+
+    def forward_queries(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``forward(x)[:, :n]`` at a fraction of the cost: attention, MLP for n tokens only."""
+        x = x[:, :n] + self.drop_path1(self.ls1(self.attn.forward_queries(self.norm1(x), n)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
