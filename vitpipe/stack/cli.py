@@ -13,6 +13,7 @@ directory, and writes:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -84,8 +85,11 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
     root.mkdir(parents=True, exist_ok=True)
     started: list[ManagedProcess] = []
     services: dict[str, Any] = {}
+    # The Prefect server starts while S3 and MLflow come up (it needs neither).
+    pool_exec = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    prefect_future = pool_exec.submit(start_server, root, ui=ui)
     try:
-        s3 = SeaweedS3(root / "s3").start(timeout=90)
+        s3 = SeaweedS3(root / "s3").start(timeout=120)
         assert s3.process is not None
         started.append(s3.process)
         s3.make_bucket(BUCKET)
@@ -93,11 +97,11 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
         s3_env = s3.env()
 
         ml = start_mlflow_server(root / "mlflow", artifacts_destination=f"s3://{BUCKET}/mlflow",
-                                 s3_env=s3_env)
+                                 s3_env=s3_env, timeout=120)
         started.append(ml.process)
         services["mlflow"] = _record(ml.process, ml.health_url)
 
-        server, api_url = start_server(root, ui=ui)
+        server, api_url = prefect_future.result()
         started.append(server)
         services["prefect-server"] = _record(server, f"{api_url}/health")
 
@@ -124,9 +128,13 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
         services["prefect-worker"] = _record(worker, worker.health_url)
         services["prefect-worker"]["pool"] = pool
     except BaseException:
+        with contextlib.suppress(Exception):  # a server that started after the failure
+            started.append(prefect_future.result()[0])
         for proc in reversed(started):
             proc.stop(grace=5)
         raise
+    finally:
+        pool_exec.shutdown(wait=False)
     _write_env(root / ENV_FILE, public, 0o644)
     _write_env(root / CRED_FILE, secrets, 0o600)
     state = {"dir": str(root), "api_url": api_url, "pool": pool, "services": services,

@@ -95,19 +95,32 @@ def create_work_pool(api_url: str, name: str, pool_type: str, home: Path,
 def create_pools(api_url: str, home: Path, templates: Path,
                  pools: dict[str, tuple[str, str | None]] | None = None) -> list[str]:
     """Create or update vitpipe's work pools with their base job templates; GPU pools get a
-    concurrency limit of 1 (one training run owns the GPUs; PITFALLS #16127)."""
-    env = {**os.environ, **prefect_env(home, api_url)}
+    concurrency limit of 1 (one training run owns the GPUs; PITFALLS #16127).
+
+    Talks to the API in-process (one import of Prefect instead of one CLI process per pool).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     done = []
-    for name, (kind, template) in (pools or POOLS).items():
-        create_work_pool(api_url, name, kind, home, templates / template if template else None)
-        if name in GPU_POOLS:
-            res = subprocess.run([prefect_bin(), "--no-prompt", "work-pool",
-                                  "set-concurrency-limit", name, "1"],
-                                 env=env, capture_output=True, text=True, timeout=60)
-            if res.returncode != 0:
-                raise RuntimeError(f"concurrency limit on {name} failed:\n{res.stdout}"
-                                   f"\n{res.stderr}")
-        done.append(name)
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for name, (kind, template) in (pools or POOLS).items():
+            if template:
+                base = json.loads((templates / template).read_text())
+            else:
+                from prefect.workers.process import ProcessWorker
+
+                base = ProcessWorker.get_default_base_job_template()
+            limit = 1 if name in GPU_POOLS else None
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type=kind, base_job_template=base,
+                               concurrency_limit=limit),
+                overwrite=True,
+            )
+            if limit:
+                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
+            done.append(name)
     return done
 
 
@@ -145,7 +158,8 @@ def start_worker(api_url: str, data_dir: Path, pool: str = PROCESS_POOL,
         env=wenv,
         cwd=cwd,
     )
-    proc.start(timeout=timeout)
+    proc.start(timeout=timeout, ready=lambda: http_ok(proc.health_url or "")
+               and worker_online(api_url, pool, proc.argv[proc.argv.index("--name") + 1]))
     return proc
 
 
@@ -153,8 +167,8 @@ def server_healthy(api_url: str) -> bool:
     return http_ok(f"{api_url.rstrip('/')}/health")
 
 
-def worker_online(api_url: str, pool: str = PROCESS_POOL) -> bool:
-    """True when the pool reports at least one worker heartbeat (the worker is polling)."""
+def worker_online(api_url: str, pool: str = PROCESS_POOL, name: str | None = None) -> bool:
+    """True when the pool reports an ONLINE worker (``name``: that one) - it is polling."""
     import urllib.request
 
     req = urllib.request.Request(
@@ -166,7 +180,8 @@ def worker_online(api_url: str, pool: str = PROCESS_POOL) -> bool:
             workers = json.loads(r.read())
     except OSError:
         return False
-    return any(w.get("status") == "ONLINE" for w in workers)
+    return any(w.get("status") == "ONLINE" and (name is None or w.get("name") == name)
+               for w in workers)
 
 
 def main(argv: list[str] | None = None) -> int:
