@@ -41,6 +41,8 @@ class ConvStem(nn.Module):
 
     Each stride-2 conv halves the grid, so the output grid equals the patch grid:
     28x28 with p=4 -> 14x14 -> 7x7. Widths double towards D (D/2^k, ..., D/2).
+    Its receptive field is wider than a patch, so under MAE a visible token also sees a few
+    pixels of its masked neighbours.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
