@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import numpy as np
@@ -25,7 +26,8 @@ from tests.test_registry_support import (
     write_pngs,
 )
 from vitpipe.config import RegisterConfig, TrackingConfig
-from vitpipe.registry import register
+from vitpipe.registry import promote, register
+from vitpipe.registry.gate import Contender
 from vitpipe.stack.mlflow_server import start_model_server
 
 pytestmark = pytest.mark.integration
@@ -172,12 +174,62 @@ def test_served_model_answers_base64_batches_with_per_row_errors(world, served):
     np.testing.assert_allclose([p["top_k_probs"] for p in good], probs, atol=1e-5)
     assert all(p["error"] is None for p in good)
 
-    # the same images in the "inputs" format, with top_k as a param: same answers
-    status, body = _post(served.invocations_url,
-                         {"inputs": {"image": b64}, "params": {"top_k": 2}})
-    assert status == 200, body
-    assert [p["top_k_indices"] for p in body["predictions"]] == idx[:, :2].tolist()
+    # the same images as "inputs" (a list) and as "dataframe_records", top_k as a param
+    for payload in ({"inputs": b64}, {"dataframe_records": [{"image": x} for x in b64]}):
+        status, body = _post(served.invocations_url, {**payload, "params": {"top_k": 2}})
+        assert status == 200, body
+        assert [p["top_k_indices"] for p in body["predictions"]] == idx[:, :2].tolist()
 
     # the server is still healthy after the bad rows
     with urllib.request.urlopen(served.url + "/ping", timeout=10) as r:
         assert r.status == 200
+
+
+def test_racing_promotions_end_with_the_best_champion_and_a_linear_history(world):
+    """Two gates run at the same instant (barrier) for two candidates that both beat the
+    champion: the better one must end as champion, and the recorded decisions must form one
+    chain (never two promotions over the same previous champion)."""
+    uri = world["uri"]
+    client = MlflowClient(uri)
+    name = "race-tiny"
+    cfg = RegisterConfig(model_name=name, tracking=TrackingConfig(uri=uri))
+    source, rid = world["results"][0]["logged_model_uri"], world["runs"][0]
+    client.create_registered_model(name)
+
+    def new_version(value: float) -> Contender:
+        mv = client.create_model_version(name, source, run_id=rid,
+                                         model_id=source.removeprefix("models:/"))
+        return Contender(str(mv.version), value, world["digest"])
+
+    champion = new_version(0.50)
+    assert promote(client, cfg, champion).promoted
+    for rnd, (va, vb) in enumerate(((0.70, 0.65), (0.75, 0.80))):
+        a, b = new_version(va), new_version(vb)
+        barrier = threading.Barrier(2)
+        decisions: dict[str, object] = {}
+
+        def run(c: Contender, barrier: threading.Barrier, out: dict) -> None:
+            barrier.wait()
+            out[c.version] = promote(MlflowClient(uri), cfg, c)
+
+        threads = [threading.Thread(target=run, args=(c, barrier, decisions)) for c in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        best, other = (a, b) if va > vb else (b, a)
+        final = str(client.get_model_version_by_alias(name, "champion").version)
+        assert final == best.version, (rnd, decisions)
+        db, do = decisions[best.version], decisions[other.version]
+        assert db.promoted
+        if do.promoted:  # the worse one went first: the better one must have replaced it
+            assert do.previous_champion == champion.version
+            assert db.previous_champion == other.version
+        else:
+            assert db.previous_champion == champion.version
+            assert do.previous_champion == best.version and "does not beat" in do.reason
+        for c in (a, b):  # what was recorded on the versions matches what was returned
+            mv = client.get_model_version(name, c.version)
+            recorded = mv.tags["vitpipe.gate.previous_champion"]
+            assert recorded == decisions[c.version].previous_champion
+        champion = best

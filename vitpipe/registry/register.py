@@ -197,16 +197,19 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 
 def contender_of(client: MlflowClient, mv: ModelVersion, metric: str) -> Contender:
-    """The gate's view of a registered version: its recorded metric and eval digest."""
-    raw = mv.tags.get(f"{METRIC_TAG}{metric}")
-    value = float(raw) if raw not in (None, "") else None
-    if value is None and mv.run_id:  # metric not tagged at registration: ask its run
+    """The gate's view of a registered version: its metric and eval digest, from its lineage
+    tags, else from its own recorded gate decision, else (metric only) from its run."""
+    tags = mv.tags
+    own = tags.get(f"{TAG}metric") == metric
+    raw = tags.get(f"{METRIC_TAG}{metric}") or (tags.get(f"{TAG}candidate_value") if own else "")
+    value = float(raw) if raw else None
+    if value is None and mv.run_id:
         try:
             value = client.get_run(mv.run_id).data.metrics.get(metric)
         except MlflowException:
             value = None
-    return Contender(version=str(mv.version), value=value,
-                     digest=mv.tags.get("vitpipe.eval_digest") or None)
+    digest = tags.get("vitpipe.eval_digest") or tags.get(f"{TAG}candidate_digest") or None
+    return Contender(version=str(mv.version), value=value, digest=digest)
 
 
 def _num(mv: ModelVersion | None) -> str | None:
