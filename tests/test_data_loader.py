@@ -9,7 +9,7 @@ import torch
 
 from tests.test_data_support import small_fmnist
 from vitpipe.config import AugmentConfig
-from vitpipe.data import images, make_loader, read_manifest
+from vitpipe.data import images, make_loader, read_manifest, steps_per_epoch
 from vitpipe.data.transforms import build_train_transform
 
 
@@ -31,6 +31,7 @@ def test_train_two_ranks_two_workers_equal_full_batches(tmp_path_factory, per_sh
     runs = [_run(uri, "train", 16, rank=r, world=2, workers=2, epoch=1, seed=7)
             for r in range(2)]
     expected = m.splits["train"].count // 32
+    assert steps_per_epoch(uri, "train", 16, world_size=2) == expected
     seen = []
     for loader, xs, ys, keys in runs:
         assert len(loader) == len(xs) == expected

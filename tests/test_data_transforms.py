@@ -10,7 +10,13 @@ from PIL import Image
 
 from vitpipe.config import AugmentConfig
 from vitpipe.data.manifest import Manifest, SourceInfo
-from vitpipe.data.transforms import build_eval_transform, build_mix, build_train_transform
+from vitpipe.data.transforms import (
+    apply_batch_tail,
+    build_eval_transform,
+    build_mix,
+    build_train_transform,
+    split_batchable,
+)
 
 
 def _manifest(channels: int, size=(28, 28)) -> Manifest:
@@ -64,3 +70,18 @@ def test_mix_targets_work_with_label_smoothing():
     never = build_mix(AugmentConfig(mixup_alpha=0.8, mix_prob=1e-9), 10)
     nx, ny = never(x, y)
     assert torch.equal(nx, x) and torch.equal(ny.argmax(1), y)  # one-hot when not mixed
+
+
+@pytest.mark.parametrize("size", [28, 20])
+def test_batched_tail_gives_identical_numbers(size):
+    m = _manifest(3)
+    tf = build_eval_transform(AugmentConfig(), m, size)
+    head, tail = split_batchable(tf)
+    assert [type(t).__name__ for t in tail.transforms] == ["ToDtype", "Normalize"]
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(4)]
+    per_sample = torch.stack([tf(i) for i in imgs])
+    batched = apply_batch_tail(tail, torch.stack([head(i) for i in imgs]))
+    assert type(batched) is torch.Tensor and torch.equal(per_sample, batched)
+    erasing = build_train_transform(AugmentConfig(random_erasing=0.5), m, size)
+    assert split_batchable(erasing)[1] is None  # random tail: stays per sample

@@ -19,6 +19,7 @@ __all__ = [
     "make_loader",
     "read_manifest",
     "shard",
+    "steps_per_epoch",
 ]
 
 
@@ -27,3 +28,10 @@ def make_loader(*args: Any, **kwargs: Any):
     from .loader import make_loader as _make_loader
 
     return _make_loader(*args, **kwargs)
+
+
+def steps_per_epoch(*args: Any, **kwargs: Any) -> int:
+    """See :func:`vitpipe.data.loader.steps_per_epoch`."""
+    from .loader import steps_per_epoch as _steps
+
+    return _steps(*args, **kwargs)

@@ -149,7 +149,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                  physical_workers: int):
         super().__init__()
         self.manifest, self.plan, self.s3 = manifest, plan, s3
-        self.transform = transform or _default_transform()
+        from .transforms import split_batchable
+
+        self.transform, self.batch_tail = split_batchable(transform or _default_transform())
         self.max_bad_fraction = max_bad_fraction
         self.with_keys = with_keys
         self.physical_workers = physical_workers
@@ -298,11 +300,14 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             torch.manual_seed(gen_seed)
             tensors = [self.transform(img) for img, _, _ in items]
         try:
-            x = torch.stack([torch.as_tensor(t) for t in tensors])
+            x = torch.stack([t.as_subclass(torch.Tensor) for t in tensors])
         except RuntimeError:
             shapes = sorted({tuple(t.shape) for t in tensors})
             raise _Stop(f"images in one batch differ in shape {shapes[:3]}; pass a transform "
                         "that resizes (vitpipe.data.transforms)") from None
+        from .transforms import apply_batch_tail
+
+        x = apply_batch_tail(self.batch_tail, x)
         y = torch.tensor([label for _, label, _ in items], dtype=torch.long)
         if self.with_keys:
             return x, y, [k for _, _, k in items]
@@ -417,4 +422,16 @@ def make_loader(manifest_uri: str | Manifest, split: str, batch_size: int, rank:
     return ShardLoader(manifest, plan, dataset, loader)
 
 
-__all__ = ["ShardLoader", "WorkerReport", "make_loader", "register_s3_gopen"]
+def steps_per_epoch(manifest_uri: str | Manifest, split: str, batch_size: int,
+                    world_size: int = 1, *, train: bool = True,
+                    s3: S3Config | None = None) -> int:
+    """Batches per rank per epoch (what ``len(make_loader(...))`` is at ``start_sample=0``),
+    without starting workers: for LR schedules and progress bars."""
+    manifest = (manifest_uri if isinstance(manifest_uri, Manifest)
+                else read_manifest(manifest_uri, s3))
+    counts = [s.count for s in manifest.split(split).shards]
+    return make_plan(counts, split, batch_size=batch_size, rank=0, world_size=world_size,
+                     num_workers=1, epoch=0, seed=0, train=train).steps
+
+
+__all__ = ["ShardLoader", "WorkerReport", "make_loader", "register_s3_gopen", "steps_per_epoch"]

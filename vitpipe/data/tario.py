@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-from pathlib import PurePosixPath
 from typing import IO
 
 from webdataset.tariterators import base_plus_ext
@@ -83,13 +82,12 @@ class TarCursor:
                 self.done, self.pending = True, None
                 return
             name = ti.name
-            parts = PurePosixPath(name).parts
-            if name.startswith("/") or ".." in parts:
+            if name.startswith("/") or ".." in name.split("/"):
                 raise UnsafeShardError(self.url, f"member {name!r} has an absolute or '..' path; "
                                        "this is not a vitpipe/WebDataset shard")
             if ti.issym() or ti.islnk():
                 raise UnsafeShardError(self.url, f"member {name!r} is a link; refusing the shard")
-            if not ti.isreg() or PurePosixPath(name).name.startswith("__"):
+            if not ti.isreg() or name.rpartition("/")[2].startswith("__"):
                 continue
             key, ext = base_plus_ext(name)
             if key is None:

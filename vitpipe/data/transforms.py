@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..config.data import AugmentConfig
@@ -33,7 +35,9 @@ class ToChannels(torch.nn.Module):
             mode = "L" if self.channels == 1 else "RGB"
             if img.mode != mode:
                 img = img.convert(mode)
-            return v2.functional.to_image(img)
+            t = torch.from_numpy(np.array(img))  # faster than to_image for small images
+            t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+            return t.as_subclass(tv_tensors.Image)
         t = v2.functional.to_image(img) if not isinstance(img, torch.Tensor) else img
         if t.ndim == 2:
             t = t.unsqueeze(0)
@@ -47,6 +51,21 @@ class ToChannels(torch.nn.Module):
         if self.channels == 3 and c == 1:
             return t.expand(*t.shape[:-3], 3, *t.shape[-2:]).clone()
         raise DataError(f"cannot convert a {c}-channel image to {self.channels} channels")
+
+
+class ResizeCenterCrop(torch.nn.Module):
+    """Resize the shorter side to ``resize`` then center-crop ``size``; a no-op (skipped, not
+    recomputed) when the image already is ``size`` x ``size`` and ``resize == size``."""
+
+    def __init__(self, size: int, resize: int):
+        super().__init__()
+        self.size, self.resize = size, resize
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.resize == self.size and tuple(img.shape[-2:]) == (self.size, self.size):
+            return img
+        img = v2.functional.resize(img, [self.resize], antialias=True)
+        return v2.functional.center_crop(img, [self.size, self.size])
 
 
 def _size(aug: AugmentConfig, manifest: Manifest, img_size: int | None) -> int:
@@ -70,7 +89,7 @@ def build_train_transform(aug: AugmentConfig, manifest: Manifest,
         ops.append(v2.RandomResizedCrop(size, scale=(aug.scale_min, 1.0),
                                         ratio=(aug.ratio_min, aug.ratio_max), antialias=True))
     else:
-        ops += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        ops.append(ResizeCenterCrop(size, size))
     if aug.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(aug.hflip))
     if aug.color_jitter > 0 and manifest.channels == 3:
@@ -91,8 +110,8 @@ def build_eval_transform(aug: AugmentConfig, manifest: Manifest,
     """Resize (shorter side to size / crop_pct), center crop, normalise. PIL in, tensor out."""
     size = _size(aug, manifest, img_size)
     resize = int(round(size / aug.eval_crop_pct))
-    return v2.Compose([ToChannels(manifest.channels), v2.Resize(resize, antialias=True),
-                       v2.CenterCrop(size), *_normalize(manifest)])
+    return v2.Compose([ToChannels(manifest.channels), ResizeCenterCrop(size, resize),
+                       *_normalize(manifest)])
 
 
 class BatchMix:
@@ -126,5 +145,27 @@ def build_mix(aug: AugmentConfig, num_classes: int) -> BatchMix | None:
     return BatchMix(mix, num_classes, aug.mix_prob)
 
 
-__all__ = ["BatchMix", "ToChannels", "build_eval_transform", "build_mix",
-           "build_train_transform"]
+def split_batchable(transform: Callable) -> tuple[Callable, Callable | None]:
+    """Split a ``v2.Compose`` into a per-sample head and a per-batch tail of trailing
+    ``ToDtype``/``Normalize`` ops: element-wise and deterministic, so applying them once to the
+    stacked uint8 batch gives the same numbers at a fraction of the per-sample cost."""
+    if not isinstance(transform, v2.Compose):
+        return transform, None
+    ops = list(transform.transforms)
+    tail: list[Callable] = []
+    while len(ops) > 1 and isinstance(ops[-1], (v2.ToDtype, v2.Normalize)):
+        tail.insert(0, ops.pop())
+    if not tail:
+        return transform, None
+    return v2.Compose(ops), v2.Compose(tail)
+
+
+def apply_batch_tail(tail: Callable | None, batch: torch.Tensor) -> torch.Tensor:
+    """Run a :func:`split_batchable` tail on a stacked (B, C, H, W) batch."""
+    if tail is None:
+        return batch
+    return tail(batch.as_subclass(tv_tensors.Image)).as_subclass(torch.Tensor)
+
+
+__all__ = ["BatchMix", "ResizeCenterCrop", "ToChannels", "apply_batch_tail",
+           "build_eval_transform", "build_mix", "build_train_transform", "split_batchable"]

@@ -1,0 +1,200 @@
+"""Data loading speed: vitpipe shard loader vs torchvision ImageFolder vs in-memory decode.
+
+The same images (written once as files, and once into shards with their bytes unchanged), the
+same transform (vitpipe's eval transform) and 2 worker processes for all:
+
+* ``wds``: ``vitpipe.data.make_loader`` over the shards (one shuffled epoch). It runs the
+  transform's trailing ToDtype/Normalize once per batch (identical numbers, see
+  ``split_batchable``).
+* ``imagefolder``: ``torchvision.datasets.ImageFolder(transform=...)`` + ``DataLoader(shuffle)``
+  as usually written; ``imagefolder_batched``: the same, with the same per-batch tail as wds
+  (so the two differ only in files vs shards).
+* ``decode``: the ceiling: the encoded bytes already in memory, decoded + the same split
+  transform + stacked, in 2 workers.
+
+Datasets: Fashion-MNIST train images (PNG, 28x28 gray) and generated 224x224 colour JPEGs.
+The last line printed is JSON; its headline keys are Fashion-MNIST's, ``color_*`` the colour
+set's. Run: ``nice python bench/data_speed.py`` (``--quick`` for a small smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vitpipe.config import AugmentConfig, ShardConfig  # noqa: E402
+from vitpipe.data import make_loader, read_manifest, shard  # noqa: E402
+from vitpipe.data.sources import FashionMNISTSource  # noqa: E402
+from vitpipe.data.transforms import (  # noqa: E402
+    apply_batch_tail,
+    build_eval_transform,
+    split_batchable,
+)
+
+WORKERS = 2
+
+
+def write_fmnist_tree(root: Path, n: int, src: str) -> None:
+    """The first ``n`` Fashion-MNIST train images as root/<class>/<key>.png."""
+    s = FashionMNISTSource(src)
+    for c in range(10):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        smp = s.sample("train", i)
+        (root / f"c{smp.label}" / f"{smp.key}.png").write_bytes(smp.data)
+
+
+def _color_jpeg(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((224, 224), Image.BICUBIC)
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 12, (224, 224, 3))
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _write_color(args: tuple[Path, int]) -> None:
+    root, i = args
+    (root / f"c{i % 10}" / f"img{i:06d}.jpg").write_bytes(_color_jpeg(i))
+
+
+def write_color_tree(root: Path, n: int) -> None:
+    for c in range(10):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+    with mp.get_context("fork").Pool(WORKERS) as pool:
+        pool.map(_write_color, [(root, i) for i in range(n)], chunksize=256)
+
+
+class _InMemory(torch.utils.data.IterableDataset):
+    """The decode ceiling: bytes in memory -> PIL -> transform head -> stack -> tail."""
+
+    def __init__(self, blobs: list[bytes], labels: list[int], tf, batch: int):
+        super().__init__()
+        self.blobs, self.labels, self.batch = blobs, labels, batch
+        self.head, self.tail = split_batchable(tf)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        n_batches = len(self.blobs) // self.batch
+        for b in range(w, n_batches, nw):
+            sl = range(b * self.batch, (b + 1) * self.batch)
+            x = torch.stack([self.head(Image.open(io.BytesIO(self.blobs[i]))) for i in sl])
+            yield apply_batch_tail(self.tail, x), torch.tensor([self.labels[i] for i in sl])
+
+
+class _BatchTail:
+    """collate_fn: stack the per-sample head outputs, then run the transform's tail once."""
+
+    def __init__(self, tail):
+        self.tail = tail
+
+    def __call__(self, items):
+        x = torch.stack([t.as_subclass(torch.Tensor) for t, _ in items])
+        return apply_batch_tail(self.tail, x), torch.tensor([y for _, y in items])
+
+
+def _time(loader) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        n += x.shape[0]
+    return time.perf_counter() - t0, n
+
+
+def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int) -> dict[str, float]:
+    from torchvision.datasets import ImageFolder
+
+    t0 = time.perf_counter()
+    cfg = ShardConfig.model_validate({"source": {"kind": "imagefolder", "path": str(tree)},
+                                      "output": str(out), "image_format": "keep",
+                                      "val_fraction": 0, "workers": WORKERS,
+                                      "max_samples_per_shard": 2000})
+    m = read_manifest(shard(cfg))
+    shard_s = time.perf_counter() - t0
+    size = m.image_size[0] if m.image_size else 224
+    tf = build_eval_transform(AugmentConfig(), m, size)
+
+    head, tail = split_batchable(tf)
+    folder = ImageFolder(str(tree), transform=tf, loader=Image.open)
+    folder_head = ImageFolder(str(tree), transform=head, loader=Image.open)
+    blobs = [Path(p).read_bytes() for p, _ in folder.samples]
+    labels = [y for _, y in folder.samples]
+    perm = np.random.default_rng(0).permutation(len(blobs))
+    blobs, labels = [blobs[i] for i in perm], [labels[i] for i in perm]
+
+    loaders = {
+        "wds": lambda: make_loader(m.uri, "train", batch, num_workers=WORKERS, transform=tf),
+        "imagefolder": lambda: torch.utils.data.DataLoader(
+            folder, batch_size=batch, shuffle=True, num_workers=WORKERS, drop_last=True),
+        "imagefolder_batched": lambda: torch.utils.data.DataLoader(
+            folder_head, batch_size=batch, shuffle=True, num_workers=WORKERS, drop_last=True,
+            collate_fn=_BatchTail(tail)),
+        "decode": lambda: torch.utils.data.DataLoader(
+            _InMemory(blobs, labels, tf, batch), batch_size=None, num_workers=WORKERS),
+    }
+    best = dict.fromkeys(loaders, 0.0)
+    for _ in range(reps):  # interleaved, best of reps: the machine is shared
+        for key, make in loaders.items():
+            dt, n = _time(make())
+            best[key] = max(best[key], n / dt)
+    res = {"images": len(blobs), "shard_s": round(shard_s, 1),
+           **{f"{k}_img_s": round(v, 1) for k, v in best.items()},
+           "wds_over_imagefolder": round(best["wds"] / best["imagefolder"], 3),
+           "wds_over_imagefolder_batched": round(best["wds"] / best["imagefolder_batched"], 3),
+           "wds_over_decode_ceiling": round(best["wds"] / best["decode"], 3)}
+    print(f"{name}: {res}", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fmnist-count", type=int, default=60_000)
+    ap.add_argument("--color-count", type=int, default=20_000)
+    ap.add_argument("--quick", action="store_true", help="2000 images per set, 1 repetition")
+    ap.add_argument("--reps", type=int, default=1, help="best of N interleaved passes")
+    ap.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--work-dir", help="keep files here (default: a temp dir, removed)")
+    args = ap.parse_args()
+    if args.quick:
+        args.fmnist_count, args.color_count, args.reps = 2000, 2000, 1
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="vitpipe-bench-"))
+    try:
+        t0 = time.perf_counter()
+        write_fmnist_tree(work / "fmnist", args.fmnist_count, args.fmnist_dir)
+        write_color_tree(work / "color", args.color_count)
+        print(f"wrote {args.fmnist_count} + {args.color_count} image files in "
+              f"{time.perf_counter() - t0:.1f}s under {work}", flush=True)
+        fm = bench_set("fashion_mnist", work / "fmnist", work / "fmnist_shards", 256, args.reps)
+        co = bench_set("color_224_jpeg", work / "color", work / "color_shards", 64, args.reps)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    keys = [k for k in fm if k.endswith("_img_s") or k.startswith("wds_over")]
+    out = {k: fm[k] for k in keys}
+    out.update({f"color_{k}": co[k] for k in keys})
+    out.update(fmnist_images=fm["images"], color_images=co["images"], workers=WORKERS,
+               cpus=os.cpu_count())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
