@@ -103,3 +103,16 @@ def test_ema_math():
     assert not any(p.requires_grad for p in ema.module.parameters())
     with pytest.raises(ValueError):
         ModelEma(model, decay=1.0)
+
+
+def test_groups_see_through_ddp_and_compile_wrappers():
+    class Wrapper(torch.nn.Module):  # same attribute/prefix as DDP
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    plain = param_groups(tiny_vit(), 0.05, layer_decay=0.5)
+    wrapped = param_groups(Wrapper(tiny_vit()), 0.05, layer_decay=0.5)
+    assert [(g["layer_id"], g["weight_decay"], len(g["params"])) for g in plain] == \
+        [(g["layer_id"], g["weight_decay"], len(g["params"])) for g in wrapped]
+    assert "module.pos_embed.weight" in no_decay_names(Wrapper(tiny_vit()))

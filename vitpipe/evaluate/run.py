@@ -109,7 +109,8 @@ def _evaluate(cfg: EvaluateConfig, acc) -> dict[str, Any]:
     tf = build_eval_transform(cfg.data.augment, manifest, img_size)
     loader = make_loader(cfg.data.manifest, cfg.split, cfg.data.eval_batch_size,
                          rank=acc.process_index, world_size=acc.num_processes,
-                         num_workers=cfg.data.num_workers, transform=tf, train=False)
+                         num_workers=cfg.data.num_workers, transform=tf, train=False,
+                         data=cfg.data)
     logits, labels = gather_logits(acc, model, loader)
     expected = int(manifest.splits[cfg.split].count)
     if labels.numel() != expected:

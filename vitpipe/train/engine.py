@@ -410,6 +410,26 @@ def _loss(model, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     return F.cross_entropy(model(x).float(), y, label_smoothing=cfg.train.label_smoothing)
 
 
+def train_step(acc, model, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+               mix: Callable | None = None, want_norm: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: forward, backward and (on accumulation boundaries) clip + step.
+
+    Returns the loss and, on a boundary, the pre-clip gradient norm when clipping or
+    ``want_norm`` (the norm costs a pass over the grads, so the loop asks on log steps only).
+    """
+    with acc.accumulate(model):
+        loss = _loss(model, x, y, cfg, mix)
+        acc.backward(loss)
+        grad_norm = None
+        if acc.sync_gradients and (cfg.train.clip_grad or want_norm):
+            grad_norm = acc.clip_grad_norm_(model.parameters(),
+                                            cfg.train.clip_grad or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loader,
           plan: Plan, cursor: Cursor, ckpt: CheckpointManager, tracker: Tracker,
           stop: StopFlag, run_id: str | None) -> dict[str, float]:
@@ -447,24 +467,14 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
         for x, y in _batches(loader, n_steps * plan.accum_steps, seed):
             x = x.to(acc.device, non_blocking=True)
             y = y.to(acc.device, non_blocking=True)
-            with acc.accumulate(model):
-                loss = _loss(model, x, y, cfg, mix)
-                acc.backward(loss)
-                grad_norm = None
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(),
-                                                    cfg.train.clip_grad or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            want_norm = (cursor.step + 1) % cfg.log_every_n_steps == 0
+            loss, grad_norm = train_step(acc, model, optimizer, x, y, cfg, mix, want_norm)
             pair = torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
             window_loss += pair
             epoch_loss += pair
             if not acc.sync_gradients:
                 continue
             # ---- one optimizer step done ----
-            if not torch.isfinite(loss.detach()):
-                raise TrainingError(f"rank {rank}: loss is {loss.item()} at step {cursor.step}; "
-                                    "lower the lr, enable train.clip_grad or use bf16")
             cursor.step += 1
             cursor.batch_in_epoch += 1
             scheduler.step()
@@ -476,6 +486,9 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
                 dt = time.perf_counter() - t_window
                 img_s = n_window * plan.effective_batch / max(dt, 1e-9)
                 wl = acc.reduce(window_loss, reduction="sum")
+                if not torch.isfinite(wl[0]):  # checked here: no extra device sync per step
+                    raise TrainingError(f"loss is {float(wl[0])} by step {cursor.step}; lower "
+                                        "the lr, set train.clip_grad or use bf16")
                 step_metrics = {"loss": float(wl[0] / wl[1].clamp_min(1)),
                                 "lr": scheduler.lr,
                                 "img_s": img_s}
@@ -488,7 +501,8 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
                 window_loss.zero_()
                 t_window, n_window = time.perf_counter(), 0
             bar.update(1)
-            if stop.should_stop(acc):
+            if (plan.world_size == 1 or cursor.step % cfg.log_every_n_steps == 0) and \
+                    stop.should_stop(acc):  # a collective when distributed: not every step
                 uri = save(cursor.step)
                 bar.close()
                 raise TrainingInterrupted(
