@@ -198,7 +198,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         report.bad[shard] += 1
         report.reasons.setdefault(str(shard), reason)
         name = self.manifest.split(self.plan.split).shards[shard].name
-        log.warning("skipping sample %s in shard %s: %s", key, name, reason)
+        if report.bad[shard] <= 3:  # a lost shard would otherwise log every one of its samples
+            more = " (more in this shard: counted, not logged)" if report.bad[shard] == 3 else ""
+            log.warning("skipping sample %s in shard %s: %s%s", key, name, reason, more)
         self._budget_check(wp, report)
 
     def _decode(self, raw: _Raw) -> tuple[Image.Image, int]:
@@ -381,8 +383,19 @@ class ShardLoader:
             raise DataError(f"loader for split '{self.plan.split}' rank {self.plan.rank} yielded "
                             f"{n} batches instead of {len(self)}")
         if self.bad_samples:
-            log.warning("split '%s' rank %d: %d bad sample(s) skipped (see warnings above)",
-                        self.plan.split, self.plan.rank, self.bad_samples)
+            per_shard: Counter = Counter()
+            for r in self.reports:
+                per_shard.update(r.bad)
+            names = self.manifest.split(self.plan.split).shards
+            log.warning("split '%s' rank %d: %d bad sample(s) skipped: %s", self.plan.split,
+                        self.plan.rank, self.bad_samples,
+                        ", ".join(f"{names[s].name}: {n}" for s, n in per_shard.most_common()))
+        if not self.plan.train and self.plan.start_batch == 0:
+            seen = self.samples + self.bad_samples
+            if seen != self.plan.rank_samples:
+                raise DataError(f"evaluation of split '{self.plan.split}' rank {self.plan.rank} "
+                                f"saw {seen} samples, the plan has {self.plan.rank_samples} "
+                                f"(manifest {self.manifest.uri})")
 
 
 def make_loader(manifest_uri: str | Manifest, split: str, batch_size: int, rank: int = 0,
