@@ -246,6 +246,11 @@ class ImageFolderSource(Source):
 
     def info(self) -> SourceInfo:
         """Digest over (relative path, size, mtime) of every image: cheap, changes on edits."""
+        if getattr(self, "_info", None) is None:
+            self._info = self._compute_info()
+        return self._info
+
+    def _compute_info(self) -> SourceInfo:
         h = hashlib.sha256()
         for split, items in self._items.items():
             root = self.roots[split]
