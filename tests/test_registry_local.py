@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.test_registry_support import (
+    TINY,
     direct_topk,
     eval_digest_of,
     fmnist_test,
@@ -24,6 +25,7 @@ from tests.test_registry_support import (
 )
 from vitpipe.config import RegisterConfig, TrackingConfig
 from vitpipe.errors import TrackingError
+from vitpipe.models import build_from_config
 from vitpipe.registry import register, rollback
 from vitpipe.registry.predict import _table, load_model, predict_cli
 from vitpipe.stack.process import free_port
@@ -216,3 +218,45 @@ def test_loading_model_in_process_uses_the_registered_files(local):
     assert not list(path.rglob("*.pt")) and not list(path.rglob("*.pth"))
     reqs = (path / "requirements.txt").read_text()
     assert "vitpipe==" in reqs and "torch" not in reqs  # vitpipe brings torch itself
+
+
+def test_registers_what_the_real_trainer_and_evaluator_logged(local, tmp_path):
+    """Contract check with the real stages: train (a few steps) -> evaluate -> register; the
+    pyfunc then predicts exactly like the trained weights on real test images."""
+    from vitpipe.config import (
+        CheckpointConfig,
+        DataConfig,
+        EvaluateConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+    from vitpipe.evaluate import evaluate
+    from vitpipe.train import train
+    from vitpipe.weights import load_safetensors
+
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              artifact_location=str(tmp_path / "mlartifacts"))
+    data = DataConfig(manifest=str(local["manifest"]), batch_size=32, eval_batch_size=64,
+                      num_workers=0)
+    trained = train(TrainConfig(
+        model=TINY, data=data, tracking=tracking, output_dir=str(tmp_path / "train"),
+        train=OptimConfig(max_steps=2, epochs=1, warmup_epochs=0), progress=False,
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), resume=None)))
+    metrics = evaluate(EvaluateConfig(run_id=trained["run_id"], weights=str(trained["weights"]),
+                                      model=TINY, data=data, tracking=tracking,
+                                      output_dir=str(tmp_path / "eval"), num_attention_images=0))
+    res = register(RegisterConfig(model_name="e2e", run_id=trained["run_id"], tracking=tracking))
+    assert res["promoted"] and res["version"] == "1"
+    mv = MlflowClient(tracking.uri).get_model_version("e2e", "1")
+    assert mv.tags["vitpipe.eval_digest"] == local["digest"]
+    assert float(mv.tags["vitpipe.metric.test_top1"]) == pytest.approx(metrics["test_top1"])
+    assert mv.tags["vitpipe.training_run_id"] == trained["run_id"]
+
+    model = build_from_config(TINY).eval()
+    model.load_state_dict(load_safetensors(trained["weights"])[0])
+    images, _ = fmnist_test(8)
+    probs, idx = direct_topk(model, local["manifest"], images, 3)
+    out = load_model("models:/e2e@champion", tracking).predict([png_bytes(i) for i in images],
+                                                                params={"top_k": 3})
+    assert out["top_k_indices"].tolist() == idx.tolist()
+    np.testing.assert_allclose(np.array(out["top_k_probs"].tolist()), probs, atol=1e-5)

@@ -57,17 +57,12 @@ def signature(top_k: int) -> ModelSignature:
 
 
 def build_network(train_cfg: Any, manifest: Any) -> torch.nn.Module:
-    """The classifier as the trainer built it: the config's model, with classes and channels
-    taken from the manifest where the config left them to the variant."""
+    """The classifier exactly as the trainer built it: the config's model with
+    ``num_classes`` set to the manifest's class count."""
     from ..models import build_from_config
 
-    mc = train_cfg.model
-    fill = {}
-    if mc.num_classes is None:
-        fill["num_classes"] = len(manifest.classes)
-    if mc.in_chans is None:
-        fill["in_chans"] = int(manifest.channels)
-    return build_from_config(mc.model_copy(update=fill) if fill else mc)
+    return build_from_config(train_cfg.model.model_copy(
+        update={"num_classes": len(manifest.classes)}))
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
