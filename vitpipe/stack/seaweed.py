@@ -92,11 +92,15 @@ class SeaweedS3:
             return False
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
-        """Pick free ports, write the identity config and start ``weed server -s3``."""
+        """Pick free ports (unless preset in ``ports``), write the identity config and start
+        ``weed server -s3``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "data").mkdir(exist_ok=True)
-        taken: set[int] = set()
+        taken: set[int] = {p for p in self.ports.values()} | {
+            p + GRPC_OFFSET for p in self.ports.values()}
         for name in ("master", "volume", "filer", "s3"):
+            if name in self.ports:  # preset (a persistent stack keeps its ports)
+                continue
             port = free_port(self.host, also_free=(GRPC_OFFSET,))
             while port in taken or port + GRPC_OFFSET in taken:
                 port = free_port(self.host, also_free=(GRPC_OFFSET,))
