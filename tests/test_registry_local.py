@@ -5,6 +5,8 @@ clear errors for missing runs/artifacts/models/aliases and an unreachable server
 from __future__ import annotations
 
 import base64
+import io
+import json
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from tests.test_registry_support import (
     TINY,
@@ -112,6 +115,7 @@ def test_bad_rows_get_errors_and_good_rows_still_predict(local, tmp_path):
         None,
         np.zeros((2, 3, 28, 28), np.uint8),  # not an image shape
         png_bytes(images[1]),
+        _png16(images[0]),  # 16-bit grayscale: refused, not clipped to 8 bits
     ]
     out = local["loaded"].predict(pd.DataFrame({"image": rows}))
     err = out["error"].tolist()
@@ -123,7 +127,14 @@ def test_bad_rows_get_errors_and_good_rows_still_predict(local, tmp_path):
     assert "missing.png" in err[3]
     assert err[4].startswith("row 4:") and "empty value" in err[4]
     assert err[5].startswith("row 5:") and "shape (2, 3, 28, 28)" in err[5]
+    assert err[7].startswith("row 7:") and "unsupported mode 'I;16'" in err[7]
     assert out["label"][1] is None and out["top_k_probs"][2] is None
+
+
+def _png16(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint16) * 257).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_predict_cli_table_json_and_per_file_errors(local, tmp_path, capsys, monkeypatch):
@@ -139,11 +150,16 @@ def test_predict_cli_table_json_and_per_file_errors(local, tmp_path, capsys, mon
     classes = local["loaded"].unwrap_python_model().classes
     assert table[0].split()[:3] == ["file", "rank", "class"]
     assert "good.png" in table[1] and classes[idx[0, 0]] in table[1] and len(table) == 3
-    assert predict_cli(f"models:/{NAME}@champion", [str(good), str(bad)], top_k=2,
-                       as_json=True) == 1
+    missing = tmp_path / "missing.png"
+    assert predict_cli(f"models:/{NAME}@champion", [str(bad), str(missing), str(good)],
+                       top_k=2, as_json=True) == 1
     captured = capsys.readouterr()
-    assert "bad.png" in captured.err and "does not decode" in captured.err
-    assert '"error": null' in captured.out
+    rows = json.loads(captured.out)
+    assert [r["file"] for r in rows] == [str(bad), str(missing), str(good)]
+    assert rows[0]["error"].startswith("row 0:") and "does not decode" in rows[0]["error"]
+    assert "cannot read" in rows[1]["error"] and "No such file" in rows[1]["error"]
+    assert rows[2]["error"] is None and rows[2]["top_k"][0]["index"] == idx[0, 0]
+    assert "bad.png" in captured.err and "missing.png" in captured.err
     assert "ERROR" in _table([{"file": "b.png", "error": "row 0: broken", "top_k": []}])
 
 

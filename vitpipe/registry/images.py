@@ -41,11 +41,18 @@ def mode_for_channels(channels: int) -> str:
 
 
 def load_image(value: Any, mode: str) -> Image.Image:
-    """Decode ``value`` and convert it to ``mode`` ('L' or 'RGB'); raise ImageInputError."""
+    """Decode ``value`` and convert it to ``mode`` ('L' or 'RGB'); raise ImageInputError.
+
+    Conversion accepts the same source modes as the sharder (``vitpipe.data.images``), so a
+    16-bit or float image is refused instead of being silently clipped to 8 bits.
+    """
+    from ..data.images import to_mode
+
     img = _decode(value)
-    if img.mode != mode:
-        img = img.convert(mode)
-    return img
+    try:
+        return to_mode(img, mode, f"({img.format or 'array'} {img.width}x{img.height})")
+    except DataError as err:
+        raise ImageInputError(str(err)) from None
 
 
 def _decode(value: Any) -> Image.Image:
@@ -100,7 +107,8 @@ def _open_bytes(raw: bytes, what: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(raw))
         img.load()  # Image.open is lazy: force the decode so truncation fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+            ValueError) as err:
         head = raw[:8].hex()
         raise ImageInputError(f"{what} ({len(raw)} bytes, starts 0x{head}) does not decode "
                               f"as an image: {err}") from None

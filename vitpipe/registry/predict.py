@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from ..config import TrackingConfig
 from ..errors import TrackingError
 from .client import bound_http_retries, check_reachable, is_not_found, resolve_uri
-from .pyfunc import INPUT_COLUMN
+from .pyfunc import INPUT_COLUMN, OUTPUT_COLUMNS
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver>[^/]+))?$")
 
@@ -67,14 +67,28 @@ def _check_registered(name: str, alias: str | None, version: str | None, uri: st
 
 
 def predict_files(model: Any, images: list[str], top_k: int) -> pd.DataFrame:
-    """Predict image files; a missing file becomes that row's error, not an exception."""
-    rows: list[Any] = []
-    for path in images:
-        p = Path(path)
-        rows.append(p.read_bytes() if p.is_file() else str(p))
-    out = model.predict(pd.DataFrame({INPUT_COLUMN: rows}), params={"top_k": top_k})
-    out.insert(0, "file", images)
-    return out
+    """Predict image files; a missing or unreadable file becomes that row's error."""
+    data: list[bytes] = []
+    errors: dict[int, str] = {}
+    for i, path in enumerate(images):
+        try:
+            data.append(Path(path).read_bytes())
+        except OSError as err:
+            errors[i] = f"cannot read {path}: {err.strerror or err}"
+    good = [i for i in range(len(images)) if i not in errors]
+    out = model.predict(pd.DataFrame({INPUT_COLUMN: data}), params={"top_k": top_k}) if data \
+        else pd.DataFrame(columns=list(OUTPUT_COLUMNS))
+    rows: list[dict[str, Any]] = [{}] * len(images)
+    for j, rec in zip(good, out.to_dict(orient="records"), strict=True):
+        if rec.get("error"):  # the model numbers rows within its own batch: use file order
+            rec["error"] = rec["error"].replace(f"row {good.index(j)}:", f"row {j}:", 1)
+        rows[j] = rec
+    for i, msg in errors.items():
+        rows[i] = {"label": None, "top_k_labels": None, "top_k_indices": None,
+                   "top_k_probs": None, "error": msg}
+    table = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+    table.insert(0, "file", images)
+    return table
 
 
 def predict_cli(model_uri: str, images: list[str], top_k: int = 5, as_json: bool = False) -> int:
@@ -93,7 +107,8 @@ def predict_cli(model_uri: str, images: list[str], top_k: int = 5, as_json: bool
 
 
 def _record(row: dict[str, Any]) -> dict[str, Any]:
-    err = row.get("error") or None
+    err = row.get("error")
+    err = err if isinstance(err, str) and err else None  # pandas may hand back NaN for None
     top = [] if err else [
         {"label": lab, "index": int(i), "prob": float(p)}
         for lab, i, p in zip(row["top_k_labels"], row["top_k_indices"], row["top_k_probs"],

@@ -118,7 +118,7 @@ class VitClassifier(mlflow.pyfunc.PythonModel):
             try:
                 tensors.append(self._preprocess(value))
                 good.append(i)
-            except ImageInputError as err:
+            except DataError as err:  # ImageInputError and the transform's own DataErrors
                 errors[i] = f"row {i}: {err}"
             except Exception as err:  # noqa: BLE001 - one bad row must not fail the batch
                 errors[i] = f"row {i}: preprocessing failed: {type(err).__name__}: {err}"
