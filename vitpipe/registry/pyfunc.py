@@ -12,6 +12,16 @@ a single value, holding encoded bytes, base64 text, file paths, numpy arrays or 
 turns a bare list of arrays into a 2-D frame first). Output: a DataFrame,
 one row per input row, with ``label``, ``top_k_labels``, ``top_k_indices``, ``top_k_probs`` and
 ``error`` (None, or why that row could not be read; the other rows are still predicted).
+
+Serving (``mlflow models serve -m models:/<name>@champion --env-manager local``), POST
+``/invocations`` with ``Content-Type: application/json`` and base64-encoded image files, one of::
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ["<base64>"]]}}
+    {"dataframe_records": [{"image": "<base64>"}, {"image": "<base64>"}]}
+    {"inputs": ["<base64>", "<base64>"], "params": {"top_k": 3}}
+
+The answer is ``{"predictions": [{"label", "top_k_labels", "top_k_indices", "top_k_probs",
+"error"}, ...]}`` with HTTP 200 even when some rows failed (their ``error`` says why).
 """
 
 from __future__ import annotations
