@@ -89,18 +89,48 @@ def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
     return argv
 
 
-def _signal_tree(root_pid: int, sig: int) -> None:
-    """Send ``sig`` to ``root_pid`` and all its descendants (accelerate does not forward)."""
-    import psutil
+class _ChildTree:
+    """The launcher and every process under it, remembered while they run.
 
-    try:
-        root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in reversed(procs):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            p.send_signal(sig)
+    ``accelerate launch`` does not forward signals, and a launcher killed by a group-wide
+    SIGTERM leaves its trainers orphaned (no longer its descendants): so the tree is snapshot
+    as output streams, and stopping waits for every remembered process, not just the launcher.
+    """
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(pid)
+        self.known: dict[int, Any] = {pid: self.root}
+        self._last = 0.0
+
+    def refresh(self, every: float = 2.0) -> None:
+        now = time.monotonic()
+        if now - self._last < every:
+            return
+        self._last = now
+        with contextlib.suppress(self._psutil.Error):
+            for p in self.root.children(recursive=True):
+                self.known.setdefault(p.pid, p)
+
+    def stop(self, grace: float, emit: Callable[[str], None]) -> None:
+        """SIGTERM everything (the trainer checkpoints), wait ``grace`` s, SIGKILL the rest."""
+        self._last = 0.0
+        self.refresh()
+        alive = [p for p in self.known.values() if p.is_running()]
+        if not alive:
+            return
+        emit(f"stopping training processes {sorted(p.pid for p in alive)}: SIGTERM, "
+             f"{grace:.0f}s to checkpoint")
+        for p in alive:
+            with contextlib.suppress(self._psutil.Error):
+                p.send_signal(signal.SIGTERM)
+        _, alive = self._psutil.wait_procs(alive, timeout=grace)
+        for p in alive:
+            with contextlib.suppress(self._psutil.Error):
+                p.kill()
+        self._psutil.wait_procs(alive, timeout=10)
 
 
 def _parse_result(lines: deque[str]) -> dict[str, Any] | None:
@@ -147,6 +177,7 @@ def run_training_process(
         emit("launching: " + " ".join(argv))
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=child_env, text=True, bufsize=1, errors="replace")
+        tree = _ChildTree(proc.pid)
         if on_start:
             on_start(proc.pid)
         tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -155,22 +186,17 @@ def run_training_process(
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
+                tree.refresh()
                 if line.strip():
                     emit(line)
             proc.wait()
         except BaseException:
             # Cancellation / SIGTERM / Ctrl-C reached the flow: let the trainer checkpoint.
-            emit(f"stopping training process {proc.pid}: SIGTERM, {grace:.0f}s to checkpoint")
-            _signal_tree(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                _signal_tree(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            tree.stop(grace, emit)
             raise
         finally:
             if proc.poll() is None:
-                _signal_tree(proc.pid, signal.SIGKILL)
+                tree.stop(5.0, emit)
                 proc.wait(10)
     if proc.returncode != 0:
         raise TrainingError(describe_failure(proc.returncode, list(tail)))

@@ -147,9 +147,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     finally:
         down = _vitpipe("stack", "down", "--dir", str(d))
         assert down.returncode == 0, down.stderr
-        for rec in s.state["services"].values():  # nothing `up` started is left running
-            with pytest.raises(ProcessLookupError):
+        left = []
+        for name, rec in s.state["services"].items():  # nothing `up` started is left running
+            try:
                 os.killpg(rec["pid"], 0)
+                left.append(name)
+            except ProcessLookupError:
+                pass
+        assert not left, f"still running after `stack down`: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -187,6 +187,9 @@ def down(stack_dir: str | Path, grace: float = 10.0) -> list[str]:
         if _group_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5  # until the killed processes are reaped
+            while _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
         stopped.append(name)
     (Path(stack_dir).resolve() / STATE).unlink(missing_ok=True)
     return stopped
