@@ -113,9 +113,11 @@ class VitClassifier(mlflow.pyfunc.PythonModel):
         self.transform = build_eval_transform(cfg.data.augment, manifest, img_size)
         self.input_shape = (int(net.in_chans), img_size, img_size)
 
-    # model_input is left unannotated on purpose: MLflow 3 derives a schema from type hints,
-    # and the explicit signature logged with the model is the one that should apply.
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # ``pd.DataFrame`` is what MLflow hands over after enforcing the logged signature, and a
+    # hint MLflow derives no schema from (list[...] hints would override the signature).
+    def predict(self, context: mlflow.pyfunc.PythonModelContext | None,
+                model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         values = rows_of(model_input)
         top_k = int((params or {}).get("top_k") or self.default_top_k)
         if top_k < 1:
