@@ -39,9 +39,11 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
     tensors = {}
     for k, v in state_dict.items():
         t = v.detach().to("cpu").contiguous()
-        if t.data_ptr() in seen and t.numel():  # safetensors refuses shared storage
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen and t.numel():  # safetensors refuses tensors sharing storage
             t = t.clone()
-        seen.add(t.data_ptr())
+            storage = t.untyped_storage().data_ptr()
+        seen.add(storage)
         tensors[k] = t
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
