@@ -86,9 +86,9 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
                 f"Valid keys there: {', '.join(valid)}"
             )
         elif e["type"] == "value_error":  # a cross-field check of a whole section
-            where = dotted or "top level"
+            where = f" (section: {dotted})" if dotted else ""
             text = e["msg"].removeprefix("Value error, ")
-            lines.append(f"invalid config in {source} (section: {where}): {text}")
+            lines.append(f"invalid config in {source}{where}: {text}")
         else:
             value = e.get("input")
             shown = "<hidden>" if any(m in dotted.lower() for m in SECRET_MARKERS) else repr(value)

@@ -25,7 +25,7 @@ def list_models() -> list[str]:
 def resolve(name: str, **overrides: Any) -> dict[str, Any]:
     """The complete, checked ``VisionTransformer`` kwargs of ``name`` with ``overrides``."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    cfg = validate(ModelConfig, {"name": name, **overrides}, f"model {name}")
+    cfg = validate(ModelConfig, {"name": name, **overrides}, "model overrides")
     return cfg.resolved()
 
 
