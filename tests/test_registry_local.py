@@ -276,3 +276,23 @@ def test_registers_what_the_real_trainer_and_evaluator_logged(local, tmp_path):
                                                                 params={"top_k": 3})
     assert out["top_k_indices"].tolist() == idx.tolist()
     np.testing.assert_allclose(np.array(out["top_k_probs"].tolist()), probs, atol=1e-5)
+
+
+def test_promotion_lock_waits_for_a_live_holder_and_takes_over_an_expired_one(local):
+    from vitpipe.registry.lock import gate_lock, lock_name
+
+    client = MlflowClient(local["uri"])
+    lock = lock_name(NAME)
+    client.create_registered_model(lock, tags={"vitpipe.lock.owner": "other-host:1:abc",
+                                               "vitpipe.lock.expires": f"{time.time() + 60}"})
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=r"still held after 1s by other-host:1:abc"), \
+            gate_lock(client, NAME, timeout=1):
+        pass
+    assert time.monotonic() - t0 < 5
+    assert client.get_registered_model(lock).tags["vitpipe.lock.owner"] == "other-host:1:abc"
+
+    client.set_registered_model_tag(lock, "vitpipe.lock.expires", f"{time.time() - 1}")  # crashed
+    with gate_lock(client, NAME, timeout=5) as owner:
+        assert client.get_registered_model(lock).tags["vitpipe.lock.owner"] == owner
+    assert not client.search_registered_models(f"name = '{lock}'")  # released
