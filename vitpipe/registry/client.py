@@ -16,8 +16,10 @@ from ..config import TrackingConfig
 from ..errors import TrackingError
 
 # Without these, an MLflow client retries a dead server with exponential backoff for minutes.
+# (And no per-file download progress bars in pipeline logs.)
 _BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def resolve_uri(tracking: TrackingConfig | None = None) -> str:
