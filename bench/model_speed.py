@@ -7,7 +7,8 @@ that a noisy neighbour slows all of them alike. Throughput uses each model's fas
 ``ours_over_timm_median`` is the median of the per-repeat ratios, for comparison.
 
     nice python bench/model_speed.py                      # CPU: ViT-S/16 @224, batch 16
-    nice python bench/model_speed.py --quick              # < 1 min smoke run
+    nice python bench/model_speed.py --quick              # < 2 min smoke run
+    nice python bench/model_speed.py --threads 1 --clock cpu   # on a busy shared machine
     python bench/model_speed.py --device cuda             # GPU: ViT-B/16, bf16, MFU
 
 The last line printed is one JSON object (ours_img_s, timm_img_s, ours_over_timm,
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -99,6 +102,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="depth 4, batch 8, 3 repeats")
     args = ap.parse_args()
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > (os.cpu_count() or 1) and args.clock == "wall":
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: wall-clock times "
+              "mostly measure other jobs (multi-threaded steps wait on descheduled threads); "
+              "--threads 1 --clock cpu compares the models' own cost", file=sys.stderr)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     gpu = device.type == "cuda"
@@ -147,7 +155,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}",
         "model": name, "img_size": kw["img_size"], "depth": kw["depth"], "batch": batch,
         "dtype": "bf16" if amp else "fp32", "repeats": args.repeats, "steps": args.steps,
-        "clock": "cpu" if clock is time.process_time else "wall",
+        "clock": "cpu" if clock is time.process_time else "wall", "load_avg": round(load, 1),
         "ours_step_s": round(best["ours"], 4),
         "ours_img_s": round(batch / best["ours"], 2),
         "mae_step_s": round(best["mae"], 4),
