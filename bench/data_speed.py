@@ -3,15 +3,18 @@
 The same images (written once as files, and once into shards with their bytes unchanged), the
 same transform (vitpipe's eval transform) and 2 worker processes for all:
 
-* ``wds``: ``vitpipe.data.make_loader`` over the shards (one shuffled epoch). It runs the
-  transform's trailing ToDtype/Normalize once per batch (identical numbers, see
-  ``split_batchable``).
-* ``imagefolder``: ``torchvision.datasets.ImageFolder(transform=...)`` + ``DataLoader(shuffle)``
-  as usually written; ``imagefolder_batched``: the same, with the same per-batch tail as wds
-  (so the two differ only in files vs shards).
-* ``decode``: the ceiling: the encoded bytes already in memory, decoded + the same split
-  transform + stacked, in 2 workers.
+* ``wds``: ``vitpipe.data.make_loader`` over the shards (one shuffled epoch): torchvision's
+  decoders straight to uint8 tensors, the transform's trailing ToDtype/Normalize once per batch
+  (identical numbers, see ``split_batchable``).
+* ``imagefolder``: ``torchvision.datasets.ImageFolder(transform=...)`` (PIL decode) +
+  ``DataLoader(shuffle=True)``, as usually written.
+* ``imagefolder_tuned``: ImageFolder with the shard loader's decoder and per-batch tail, so it
+  differs from ``wds`` only in reading one file per image.
+* ``decode``: the ceiling: the encoded bytes already in memory, the same decoder and split
+  transform, stacked, in 2 workers.
 
+img/s is wall clock (best of ``--reps`` interleaved passes); ``*_img_per_cpu_s`` divides by the
+CPU seconds the loader's processes used, which is steadier on a shared machine.
 Datasets: Fashion-MNIST train images (PNG, 28x28 gray) and generated 224x224 colour JPEGs.
 The last line printed is JSON; its headline keys are Fashion-MNIST's, ``color_*`` the colour
 set's. Run: ``nice python bench/data_speed.py`` (``--quick`` for a small smoke run).
@@ -25,6 +28,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -38,7 +42,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitpipe.config import AugmentConfig, ShardConfig  # noqa: E402
-from vitpipe.data import make_loader, read_manifest, shard  # noqa: E402
+from vitpipe.data import images, make_loader, read_manifest, shard  # noqa: E402
 from vitpipe.data.sources import FashionMNISTSource  # noqa: E402
 from vitpipe.data.transforms import (  # noqa: E402
     apply_batch_tail,
@@ -82,11 +86,11 @@ def write_color_tree(root: Path, n: int) -> None:
 
 
 class _InMemory(torch.utils.data.IterableDataset):
-    """The decode ceiling: bytes in memory -> PIL -> transform head -> stack -> tail."""
+    """The decode ceiling: bytes in memory -> decode -> transform head -> stack -> tail."""
 
-    def __init__(self, blobs: list[bytes], labels: list[int], tf, batch: int):
+    def __init__(self, blobs: list[bytes], labels: list[int], tf, batch: int, channels: int):
         super().__init__()
-        self.blobs, self.labels, self.batch = blobs, labels, batch
+        self.blobs, self.labels, self.batch, self.channels = blobs, labels, batch, channels
         self.head, self.tail = split_batchable(tf)
 
     def __iter__(self):
@@ -95,8 +99,23 @@ class _InMemory(torch.utils.data.IterableDataset):
         n_batches = len(self.blobs) // self.batch
         for b in range(w, n_batches, nw):
             sl = range(b * self.batch, (b + 1) * self.batch)
-            x = torch.stack([self.head(Image.open(io.BytesIO(self.blobs[i]))) for i in sl])
+            x = torch.stack([self.head(_decode(self.blobs[i], self.channels)) for i in sl])
             yield apply_batch_tail(self.tail, x), torch.tensor([self.labels[i] for i in sl])
+
+
+def _decode(data: bytes, channels: int):
+    ext = "png" if data[:4] == b"\x89PNG" else "jpg"
+    return images.decode_tensor(data, ext, channels, "bench")
+
+
+class _TensorFile:
+    """ImageFolder loader: the file's bytes through the shard loader's decoder."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, path: str):
+        return _decode(Path(path).read_bytes(), self.channels)
 
 
 class _BatchTail:
@@ -110,12 +129,21 @@ class _BatchTail:
         return apply_batch_tail(self.tail, x), torch.tensor([y for _, y in items])
 
 
-def _time(loader) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def _cpu() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _time(loader) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (this process + its finished workers), images."""
+    c0, t0 = _cpu(), time.perf_counter()
     n = 0
     for x, _ in loader:
         n += x.shape[0]
-    return time.perf_counter() - t0, n
+    dt = time.perf_counter() - t0
+    del loader
+    return dt, _cpu() - c0, n
 
 
 def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int) -> dict[str, float]:
@@ -133,32 +161,36 @@ def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int) -> dict[s
 
     head, tail = split_batchable(tf)
     folder = ImageFolder(str(tree), transform=tf, loader=Image.open)
-    folder_head = ImageFolder(str(tree), transform=head, loader=Image.open)
+    folder_tuned = ImageFolder(str(tree), transform=head, loader=_TensorFile(m.channels))
     blobs = [Path(p).read_bytes() for p, _ in folder.samples]
     labels = [y for _, y in folder.samples]
     perm = np.random.default_rng(0).permutation(len(blobs))
     blobs, labels = [blobs[i] for i in perm], [labels[i] for i in perm]
 
+    def dl(ds, **kw):
+        return torch.utils.data.DataLoader(ds, num_workers=WORKERS, **kw)
+
     loaders = {
         "wds": lambda: make_loader(m.uri, "train", batch, num_workers=WORKERS, transform=tf),
-        "imagefolder": lambda: torch.utils.data.DataLoader(
-            folder, batch_size=batch, shuffle=True, num_workers=WORKERS, drop_last=True),
-        "imagefolder_batched": lambda: torch.utils.data.DataLoader(
-            folder_head, batch_size=batch, shuffle=True, num_workers=WORKERS, drop_last=True,
-            collate_fn=_BatchTail(tail)),
-        "decode": lambda: torch.utils.data.DataLoader(
-            _InMemory(blobs, labels, tf, batch), batch_size=None, num_workers=WORKERS),
+        "imagefolder": lambda: dl(folder, batch_size=batch, shuffle=True, drop_last=True),
+        "imagefolder_tuned": lambda: dl(folder_tuned, batch_size=batch, shuffle=True,
+                                        drop_last=True, collate_fn=_BatchTail(tail)),
+        "decode": lambda: dl(_InMemory(blobs, labels, tf, batch, m.channels), batch_size=None),
     }
     best = dict.fromkeys(loaders, 0.0)
+    per_cpu = dict.fromkeys(loaders, 0.0)
     for _ in range(reps):  # interleaved, best of reps: the machine is shared
         for key, make in loaders.items():
-            dt, n = _time(make())
+            dt, cpu, n = _time(make())
             best[key] = max(best[key], n / dt)
+            per_cpu[key] = max(per_cpu[key], n / cpu)
     res = {"images": len(blobs), "shard_s": round(shard_s, 1),
            **{f"{k}_img_s": round(v, 1) for k, v in best.items()},
-           "wds_over_imagefolder": round(best["wds"] / best["imagefolder"], 3),
-           "wds_over_imagefolder_batched": round(best["wds"] / best["imagefolder_batched"], 3),
-           "wds_over_decode_ceiling": round(best["wds"] / best["decode"], 3)}
+           **{f"{k}_img_per_cpu_s": round(v, 1) for k, v in per_cpu.items()}}
+    for base in ("imagefolder", "imagefolder_tuned", "decode"):
+        tag = "decode_ceiling" if base == "decode" else base
+        res[f"wds_over_{tag}"] = round(best["wds"] / best[base], 3)
+        res[f"wds_over_{tag}_cpu"] = round(per_cpu["wds"] / per_cpu[base], 3)
     print(f"{name}: {res}", flush=True)
     return res
 
@@ -179,8 +211,11 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vitpipe-bench-"))
     try:
         t0 = time.perf_counter()
-        write_fmnist_tree(work / "fmnist", args.fmnist_count, args.fmnist_dir)
-        write_color_tree(work / "color", args.color_count)
+        marker = work / f".trees-{args.fmnist_count}-{args.color_count}"
+        if not marker.exists():  # --work-dir: a second run reuses the files (and shards)
+            write_fmnist_tree(work / "fmnist", args.fmnist_count, args.fmnist_dir)
+            write_color_tree(work / "color", args.color_count)
+            marker.touch()
         print(f"wrote {args.fmnist_count} + {args.color_count} image files in "
               f"{time.perf_counter() - t0:.1f}s under {work}", flush=True)
         fm = bench_set("fashion_mnist", work / "fmnist", work / "fmnist_shards", 256, args.reps)
@@ -188,7 +223,7 @@ def main() -> None:
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    keys = [k for k in fm if k.endswith("_img_s") or k.startswith("wds_over")]
+    keys = [k for k in fm if k.endswith(("_img_s", "_cpu_s")) or k.startswith("wds_over")]
     out = {k: fm[k] for k in keys}
     out.update({f"color_{k}": co[k] for k in keys})
     out.update(fmnist_images=fm["images"], color_images=co["images"], workers=WORKERS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
@@ -23,6 +24,32 @@ def decode(data: bytes, origin: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"corrupt or unreadable image {origin}: {err}") from None
     return img
+
+
+TENSOR_DECODABLE = ("png", "jpg", "jpeg", "webp", "gif")
+
+
+def decode_tensor(data: bytes, ext: str, channels: int, origin: str) -> torch.Tensor:
+    """Decode to a uint8 ``tv_tensors.Image`` (C, H, W) with ``channels`` channels.
+
+    torchvision's decoders (libpng/libjpeg-turbo straight into a tensor) are 2-2.5x faster than
+    PIL + conversion; other formats, and anything they reject, go through PIL, which also gives
+    the definitive "corrupt image" error.
+    """
+    from torchvision import tv_tensors
+    from torchvision.io import ImageReadMode, decode_image
+
+    if ext in TENSOR_DECODABLE:
+        try:
+            mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+            t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+            return t.as_subclass(tv_tensors.Image)
+        except RuntimeError:
+            pass
+    img = to_mode(decode(data, origin), "L" if channels == 1 else "RGB", origin)
+    t = torch.from_numpy(np.array(img))
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    return t.as_subclass(tv_tensors.Image)
 
 
 def channels_of(img: Image.Image, origin: str) -> int:
