@@ -94,3 +94,12 @@ def test_eval_sees_every_sample_exactly_once_with_padding(tmp_path_factory, spli
     assert len(keys) == len(set(keys)) == count == int((labels >= 0).sum())
     assert int((labels < 0).sum()) == world * -(-count // world) - count
     assert sum(r[0].samples for r in runs) == count
+
+
+def test_pil_and_tensor_decoding_give_the_same_batches(tmp_path_factory):
+    uri = small_fmnist(tmp_path_factory)
+    a = _run(uri, "val", 32, workers=0, train=False)
+    b = _run(uri, "val", 32, workers=0, train=False, decode="pil")
+    assert a[3] == b[3] and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
+    with pytest.raises(Exception, match="decode must be"):
+        make_loader(uri, "val", 32, decode="cv2")
