@@ -26,7 +26,7 @@ def decode(data: bytes, origin: str) -> Image.Image:
     return img
 
 
-TENSOR_DECODABLE = ("png", "jpg", "jpeg", "webp", "gif")
+TENSOR_DECODABLE = ("png", "jpg", "jpeg", "webp")
 
 
 def decode_tensor(data: bytes, ext: str, channels: int, origin: str) -> torch.Tensor:
@@ -43,7 +43,8 @@ def decode_tensor(data: bytes, ext: str, channels: int, origin: str) -> torch.Te
         try:
             mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
             t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-            return t.as_subclass(tv_tensors.Image)
+            if t.dtype == torch.uint8 and t.ndim == 3:  # else (16-bit PNG...): PIL below
+                return t.as_subclass(tv_tensors.Image)
         except RuntimeError:
             pass
     img = to_mode(decode(data, origin), "L" if channels == 1 else "RGB", origin)
