@@ -30,7 +30,7 @@ RUN pip install --no-cache-dir --no-deps /tmp/dist/vitpipe-0.1.0-py3-none-any.wh
     && groupadd --gid 10001 vitpipe \
     && useradd --uid 10001 --gid vitpipe --create-home --shell /usr/sbin/nologin vitpipe \
     && mkdir -p /var/lib/vitpipe /opt/vitpipe \
-    && chown -R vitpipe:vitpipe /var/lib/vitpipe
+    && chown -R vitpipe:vitpipe /var/lib/vitpipe /opt/vitpipe
 WORKDIR /opt/vitpipe
 # Deployment entrypoints (flows/stages.py:shard ...) are loaded from this directory.
 COPY --chown=vitpipe:vitpipe flows ./flows

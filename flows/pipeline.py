@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.runtime import deployment as current_deployment
+from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelling
 
 from vitpipe.config import ConfigError, PipelineConfig, apply_overrides, read_yaml, validate
@@ -190,6 +191,12 @@ class StageRunner:
 
 
 # ---------------------------------------------------------------------------------- flow
+def _scope_checkpoints(cfg: Any, scope: str) -> None:
+    """Put a training stage's checkpoints under ``<dir>/<pipeline run id>``."""
+    if scope:
+        cfg.checkpoint.dir = f"{cfg.checkpoint.dir.rstrip('/')}/{scope}"
+
+
 def _weights_ref(res: dict[str, Any], how: str) -> str:
     """How a later stage should find ``res``'s weights: a path, or the run's MLflow artifact."""
     if how == "mlflow" and res.get("run_id"):
@@ -213,6 +220,8 @@ def pipeline(
     log = get_run_logger()
     t0 = time.monotonic()
     runner = StageRunner(cfg)
+    scope = (str(current_flow_run.get_id() or "")
+             if cfg.orchestration.scope_checkpoints else "")
     how = cfg.orchestration.weights_via
 
     shard_res = runner.run("shard", config=cfg.shard)
@@ -222,10 +231,12 @@ def pipeline(
     if cfg.pretrain is not None:
         pre_cfg = cfg.pretrain.model_copy(deep=True)
         pre_cfg.data.manifest = manifest
+        _scope_checkpoints(pre_cfg, scope)
         pre = runner.run("pretrain", config=pre_cfg, launch=cfg.launch)
 
     ft_cfg = cfg.finetune.model_copy(deep=True)
     ft_cfg.data.manifest = manifest
+    _scope_checkpoints(ft_cfg, scope)
     if pre is not None and ft_cfg.mode == "finetune":
         ft_cfg.init = _weights_ref(pre, how)
     ft = runner.run("finetune", config=ft_cfg, launch=cfg.launch)

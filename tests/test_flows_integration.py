@@ -204,26 +204,15 @@ def test_bad_parameters_fail_at_once_naming_them(deployed: Stack) -> None:
     res = deployed.cli("deployment", "run", "pipeline/process", "--params",
                        json.dumps({"config": {"seed": "abc"}}))
     assert res.returncode != 0 and "config.seed" in res.stdout + res.stderr
-    # Dotted overrides are validated by the flow itself, first thing: no stage starts.
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    run_id = deployed.run("pipeline/process", "--param", f"preset={deployed.dir / 'it.yaml'}",
-                          "--param", 'overrides=["finetune.train.epochz=1"]')
-    run = deployed.wait(run_id, timeout=180)
-    assert run.state.is_failed()
-    assert "finetune.train.epochz" in run.state.message
-    assert "finetune.train.epochs" in run.state.message  # the suggestion
-    assert run.total_run_time.total_seconds() < 30
-    with deployed.client() as c:
-        assert not c.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
 
 
 def _kill_trainer_after_first_checkpoint(ckpt_dir: Path, found: dict[str, Any],
                                          stop: threading.Event) -> None:
     """SIGKILL the fine-tune trainer (not the flow) once its first checkpoint is complete."""
     while not stop.is_set():
-        if any(ckpt_dir.glob("step_*/COMPLETE")):
+        done = sorted(ckpt_dir.glob("*/step_*/COMPLETE"))  # <dir>/<pipeline run>/step_*
+        if done:
+            ckpt_run_dir = done[0].parent.parent
             for proc in Path("/proc").iterdir():
                 if not proc.name.isdigit():
                     continue
@@ -239,11 +228,12 @@ def _kill_trainer_after_first_checkpoint(ckpt_dir: Path, found: dict[str, Any],
                     cfg = json.loads(Path(cfg_path).read_text())
                 except (OSError, ValueError):
                     continue
-                if Path(cfg["checkpoint"]["dir"]) == ckpt_dir:
+                if Path(cfg["checkpoint"]["dir"]) == ckpt_run_dir:
                     os.kill(int(proc.name), signal.SIGKILL)
                     found["pid"] = int(proc.name)
+                    found["ckpt_dir"] = ckpt_run_dir
                     found["after"] = sorted(p.parent.name for p in
-                                            ckpt_dir.glob("step_*/COMPLETE"))
+                                            ckpt_run_dir.glob("step_*/COMPLETE"))
                     return
         time.sleep(0.1)
 
@@ -336,6 +326,8 @@ def test_killed_training_process_is_retried_and_resumes(deployed: Stack, pipelin
     assert ft.run_count == 2 and "AwaitingRetry" in states, states
     logs = deployed.logs(str(ft.id))
     assert "training process exited" in logs or "killed" in logs
+    # checkpoints are scoped to this pipeline run, so the next run will not resume them
+    assert killed["ckpt_dir"].name == str(pipeline_run["run"].id)
     first_ckpt = int(killed["after"][0].split("_")[1])
     m = re.search(r"resumed from \S+ at step (\d+)", logs)
     assert m, logs[-3000:]
@@ -343,50 +335,96 @@ def test_killed_training_process_is_retried_and_resumes(deployed: Stack, pipelin
     assert pipeline_run["summary"]["timings"]["finetune"]["own"] > 0
 
 
-def test_unreachable_mlflow_fails_register_then_recovers(deployed: Stack, pipeline_run) -> None:
+def _stop_group(pid: int, timeout: float = 20) -> None:
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def outage(deployed: Stack, pipeline_run) -> dict[str, Any]:
+    """Bad input and outages, submitted together (they are independent) to keep CI short:
+    MLflow stopped -> register fails; a dead S3 endpoint -> shard fails; a misspelt override
+    -> the pipeline fails before any stage. Then MLflow is back and the S3 endpoint right:
+    register and shard (cached) complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from vitpipe.stack.mlflow_server import start_mlflow_server
+    from vitpipe.stack.process import free_port
 
     rec = deployed.state["services"]["mlflow"]
     port = int(re.search(r":(\d+)/", rec["health_url"]).group(1))
-    params = json.dumps({"config": {"run_id": pipeline_run["summary"]["finetune_run_id"],
-                                    "model_name": MODEL_NAME,
-                                    "tracking": {"experiment": "integration",
-                                                 "connect_timeout": 3}}})
-    os.killpg(rec["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(rec["pid"], 0)
-            time.sleep(0.2)
-        except ProcessLookupError:
-            break
-    run = deployed.wait(deployed.run("register/process", "--params", params), timeout=240)
-    assert run.state.is_failed()
-    assert "MLflow tracking server" in run.state.message and "unreachable" in run.state.message
+    register = json.dumps({"config": {
+        "run_id": pipeline_run["summary"]["finetune_run_id"], "model_name": MODEL_NAME,
+        "tracking": {"experiment": "integration", "connect_timeout": 3}}})
+    shard = {"source": {"kind": "fashion_mnist", "path": str(FMNIST_DIR),
+                        "limit_per_split": 300},
+             "output": "s3://vitpipe/it/shards", "max_samples_per_shard": 150, "workers": 1}
+    dead = {**shard, "s3": {"endpoint_url": f"http://127.0.0.1:{free_port()}",
+                            "max_retry_seconds": 2, "connect_timeout": 1}}
+    _stop_group(rec["pid"])
+    submit = {
+        "register_down": ("register/process", "--params", register),
+        "shard_dead_s3": ("shard/process", "--params", json.dumps({"config": dead})),
+        "bad_override": ("pipeline/process", "--param", f"preset={deployed.dir / 'it.yaml'}",
+                         "--param", 'overrides=["finetune.train.epochz=1"]'),
+    }
+    out: dict[str, Any] = {"dead_endpoint": dead["s3"]["endpoint_url"]}
+    with ThreadPoolExecutor(3) as ex:
+        ids = {k: deployed.run(*v) for k, v in submit.items()}
+        for k, run in zip(ids, ex.map(lambda i: deployed.wait(i, 240), ids.values()),
+                          strict=True):
+            out[k] = run
     creds = {k: v for k, v in deployed.env.items() if k.startswith(("AWS_", "MLFLOW_S3"))}
     server = start_mlflow_server(deployed.dir / "mlflow", port=port, s3_env=creds,
                                  artifacts_destination="s3://vitpipe/mlflow", timeout=120)
     try:
-        run = deployed.wait(deployed.run("register/process", "--params", params), timeout=240)
-        assert run.state.is_completed(), run.state.message
+        with ThreadPoolExecutor(2) as ex:
+            again = {"register_back": deployed.run("register/process", "--params", register),
+                     "shard_back": deployed.run("shard/process", "--params",
+                                                json.dumps({"config": shard}))}
+            for k, run in zip(again, ex.map(lambda i: deployed.wait(i, 240), again.values()),
+                              strict=True):
+                out[k] = run
+        with deployed.client() as c:
+            out["shard_result"] = c.read_flow_run(out["shard_back"].id).state.result()
     finally:
         server.stop()
+    return out
 
 
-def test_unreachable_s3_fails_shard_then_recovers(deployed: Stack, pipeline_run, tmp_path):
-    from vitpipe.stack.process import free_port
+def test_misspelt_override_fails_the_run_at_once(deployed: Stack, outage) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-    cfg = {"source": {"kind": "fashion_mnist", "path": str(FMNIST_DIR), "limit_per_split": 300},
-           "output": "s3://vitpipe/it/shards", "max_samples_per_shard": 150, "workers": 1}
-    dead = {**cfg, "s3": {"endpoint_url": f"http://127.0.0.1:{free_port()}",
-                          "max_retry_seconds": 2, "connect_timeout": 1}}
-    run = deployed.wait(deployed.run("shard/process", "--params",
-                                     json.dumps({"config": dead})), timeout=240)
+    run = outage["bad_override"]
     assert run.state.is_failed()
-    assert dead["s3"]["endpoint_url"] in run.state.message, run.state.message
-    run = deployed.wait(deployed.run("shard/process", "--params", json.dumps({"config": cfg})),
-                        timeout=240)
-    assert run.state.is_completed(), run.state.message
-    with deployed.client() as c:
-        result = c.read_flow_run(run.id).state.result()
-    assert result["cached"] is True and result["manifest_uri"].startswith("s3://vitpipe/")
+    assert "finetune.train.epochz" in run.state.message
+    assert "finetune.train.epochs" in run.state.message  # the suggestion
+    assert run.total_run_time.total_seconds() < 30
+    with deployed.client() as c:  # validated first thing: no stage was started
+        assert not c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+
+
+def test_unreachable_mlflow_fails_register_then_recovers(outage) -> None:
+    down = outage["register_down"]
+    assert down.state.is_failed()
+    assert "MLflow tracking server" in down.state.message
+    assert "unreachable" in down.state.message
+    assert outage["register_back"].state.is_completed(), outage["register_back"].state.message
+
+
+def test_unreachable_s3_fails_shard_then_recovers(outage) -> None:
+    dead = outage["shard_dead_s3"]
+    assert dead.state.is_failed()
+    assert outage["dead_endpoint"] in dead.state.message, dead.state.message
+    back = outage["shard_back"]
+    assert back.state.is_completed(), back.state.message
+    assert outage["shard_result"]["cached"] is True
+    assert outage["shard_result"]["manifest_uri"].startswith("s3://vitpipe/")

@@ -84,6 +84,9 @@ class OrchestrationConfig(StrictModel):
     poll_seconds: float = Field(2.0, gt=0)
     stage_timeout_seconds: float | None = Field(None, gt=0)
     weights_via: Literal["path", "mlflow"] = "path"  # mlflow: runs:/<id>/weights/<file>
+    # Checkpoints under <checkpoint.dir>/<pipeline run id>: retries of this run resume from
+    # them, the next (e.g. weekly) run starts fresh instead of resuming a finished training.
+    scope_checkpoints: bool = True
 
     @model_validator(mode="after")
     def _stages(self) -> OrchestrationConfig:
