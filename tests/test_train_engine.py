@@ -4,6 +4,7 @@ EMA and the MLflow contract, MAE pretraining, fine-tuning from a runs:/ URI at a
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -105,3 +106,15 @@ def test_mae_loss_falls_then_finetune_from_runs_uri_at_new_size(tmp_path, shards
     assert ft["pos_embed.weight"].shape[1] == 25  # 28/7=4x4 grid resampled to 35/7=5x5
     assert torch.allclose(ft["blocks.0.attn.qkv.weight"], enc["blocks.0.attn.qkv.weight"],
                           atol=0.05)
+
+
+def test_grad_accumulation_and_bf16(tmp_path, shards64):
+    cfg = train_cfg(tmp_path, shards64, "data.batch_size=8", "train.accum_steps=2",
+                    "train.epochs=2", "train.mixed_precision=bf16", "log_every_n_steps=1")
+    res = train(cfg)
+    assert res["steps"] == 8  # 64 / 8 = 8 micro-batches per epoch -> 4 optimizer steps x 2
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    params = client.get_run(res["run_id"]).data.params
+    assert params["plan.effective_batch"] == "16" and params["plan.steps_per_epoch"] == "4"
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(res["run_id"], "loss"))
+    assert load_file(res["weights"])["head.weight"].dtype == torch.float32

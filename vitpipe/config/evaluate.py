@@ -15,6 +15,7 @@ class EvaluateConfig(StrictModel):
 
     weights: str | None = None  # safetensors path/URI or runs:/<id>/<path>; set by pipeline
     run_id: str | None = None  # MLflow run to log into (the training run by default)
+    use_ema: bool = False  # with only run_id: evaluate weights/model_ema.safetensors
     split: str = "test"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -20,7 +20,8 @@ def resolve_weights(cfg: EvaluateConfig) -> str:
     if cfg.weights:
         return cfg.weights
     if cfg.run_id:
-        return f"runs:/{cfg.run_id}/weights/model.safetensors"
+        name = "model_ema" if cfg.use_ema else "model"
+        return f"runs:/{cfg.run_id}/weights/{name}.safetensors"
     raise ConfigError("evaluate needs 'weights' (a safetensors path/URI) or 'run_id'")
 
 
