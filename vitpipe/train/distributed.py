@@ -10,16 +10,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 
 from ..config import TrainConfig
-from ..errors import TrainingError
+from ..errors import TrainingError, VitpipeError
+from .checkpoint import strip_prefixes
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -124,3 +127,43 @@ def fault_injection(step: int, rank: int) -> None:
     who = os.environ.get("VITPIPE_FAULT_RANK")
     if who is None or int(who) == rank:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def all_ok(acc, fn: Callable[[], Any]) -> Any:
+    """Run a setup step on every rank; if any rank fails, every rank stops with an error."""
+    err: BaseException | None = None
+    out = None
+    try:
+        out = fn()
+    except (VitpipeError, ValueError, TypeError, OSError) as e:
+        err = e
+    if acc.num_processes > 1:
+        flag = torch.tensor([0.0 if err is None else 1.0], device=acc.device)
+        failed = acc.reduce(flag, reduction="max").item() > 0
+        if failed and err is None:
+            raise TrainingError(f"rank {acc.process_index}: another rank failed during setup "
+                                "(its error is in that rank's log)")
+    if err is not None:
+        raise err
+    return out
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes (fp32, CPU), in name order."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(strip_prefixes(name).encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(acc, model, steps: int) -> None:
+    """Every rank reports its steps and parameter digest; diverged replicas are an error."""
+    from accelerate.utils import gather_object
+
+    mine = (acc.process_index, steps, param_digest(acc.unwrap_model(model)))
+    reports = gather_object([mine]) if acc.num_processes > 1 else [mine]
+    for r, n, d in reports:
+        acc.print(f"rank {r}/{acc.num_processes}: {n} steps, param digest {d[:16]}")
+    if len({(n, d) for _, n, d in reports}) != 1:
+        raise TrainingError(f"replicas diverged at the end of training: {reports}")

@@ -12,7 +12,6 @@ and verified, loader start-up RNG isolated (``fork_rng``), and the data cursor
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import time
@@ -25,12 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, TrainConfig
-from ..config.base import SECRET_MARKERS
-from ..errors import CheckpointError, TrainingError, VitpipeError
+from ..errors import CheckpointError, TrainingError
 from ..tracking import Tracker, run_tags, split_digest
-from .checkpoint import CheckpointManager, strip_prefixes
+from .artifacts import export_weights, log_run_inputs, open_run
+from .checkpoint import CheckpointManager
 from .distributed import (
     StopFlag,
+    all_ok,
+    check_replicas,
     fault_injection,
     is_collective_failure,
     make_accelerator,
@@ -84,34 +85,6 @@ def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
     return g // (accum * world_size)
 
 
-def _all_ok(acc, fn: Callable[[], Any]) -> Any:
-    """Run a setup step on every rank; if any rank fails, every rank stops with an error."""
-    err: BaseException | None = None
-    out = None
-    try:
-        out = fn()
-    except (VitpipeError, ValueError, TypeError, OSError) as e:
-        err = e
-    if acc.num_processes > 1:
-        flag = torch.tensor([0.0 if err is None else 1.0], device=acc.device)
-        failed = acc.reduce(flag, reduction="max").item() > 0
-        if failed and err is None:
-            raise TrainingError(f"rank {acc.process_index}: another rank failed during setup "
-                                "(its error is in that rank's log)")
-    if err is not None:
-        raise err
-    return out
-
-
-def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Loader settings from ``cfg.data`` (shuffle buffer, error budget, sha256, S3)."""
-    from ..data import loader as loader_mod
-
-    params = inspect.signature(loader_mod.make_loader).parameters
-    cand = {"data": cfg.data, "s3": cfg.data.s3}
-    return {k: v for k, v in cand.items() if k in params}
-
-
 def _batches(loader: Any, n: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly ``n`` batches; the loader's start-up (worker seeds) runs under a forked,
     deterministically seeded RNG so it never shifts the training RNG (exact resume)."""
@@ -130,24 +103,6 @@ def _batches(loader: Any, n: int, seed: int) -> Iterator[tuple[torch.Tensor, tor
         except StopIteration:
             raise TrainingError(f"the training loader ended after {i} batches; "
                                 f"len(loader) promised {n}") from None
-
-
-def _redact(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: ("<redacted>" if any(m in k.lower() for m in SECRET_MARKERS) and v else
-                    _redact(v)) for k, v in data.items()}
-    return data
-
-
-def _manifest_dict(manifest: Any) -> dict[str, Any]:
-    if hasattr(manifest, "model_dump"):
-        return manifest.model_dump(mode="json")
-    if hasattr(manifest, "to_dict"):
-        return manifest.to_dict()
-    try:
-        return asdict(manifest)
-    except TypeError:
-        return dict(vars(manifest))
 
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -207,11 +162,11 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
 
     preflight(acc, cfg.dist.preflight_timeout_s)
     tracker = Tracker(cfg.tracking, active=acc.is_main_process)
-    _all_ok(acc, tracker.check)
-    micro = _all_ok(acc, lambda: micro_batch_size(cfg, acc.num_processes))
+    all_ok(acc, tracker.check)
+    micro = all_ok(acc, lambda: micro_batch_size(cfg, acc.num_processes))
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set (the shard stage's manifest.json URI)")
-    manifest = _all_ok(acc, lambda: read_manifest(cfg.data.manifest, cfg.data.s3))
+    manifest = all_ok(acc, lambda: read_manifest(cfg.data.manifest, cfg.data.s3))
     if "train" not in manifest.splits:
         raise ConfigError(f"manifest {cfg.data.manifest} has no 'train' split "
                           f"(splits: {sorted(manifest.splits)})")
@@ -222,11 +177,11 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
 
     # ---- model, fine-tune source, optimizer --------------------------------------------
     set_seed(cfg.seed)
-    model = _all_ok(acc, lambda: _build_model(cfg, num_classes))
+    model = all_ok(acc, lambda: _build_model(cfg, num_classes))
     if cfg.mode == "finetune":
         from .pretrained import load_init
 
-        report = _all_ok(acc, lambda: load_init(model, cfg.init, out_dir / ".init_cache",
+        report = all_ok(acc, lambda: load_init(model, cfg.init, out_dir / ".init_cache",
                                                   cfg.data.s3, tracker.uri))
         acc.print(f"fine-tune init from {cfg.init}: {report}")
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -237,7 +192,7 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     img_size = cfg.data.augment.img_size or (model.encoder.img_size if cfg.mode == "mae"
                                              else model.img_size)
     train_tf = build_train_transform(cfg.data.augment, manifest, img_size)
-    extra = _loader_kwargs(cfg)
+    extra = {"data": cfg.data}  # shuffle buffer, error budget, sha256 check, S3
     rank, world = acc.process_index, acc.num_processes
 
     def train_loader(epoch: int, start_sample: int = 0):
@@ -275,9 +230,9 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     ckpt = CheckpointManager(acc, cfg.checkpoint.dir, cfg.checkpoint.keep_last,
                              out_dir / ".ckpt_staging", cfg.data.s3)
     cursor, run_id, resumed_step = Cursor(), None, None
-    resume_from = _all_ok(acc, lambda: ckpt.resolve(cfg.checkpoint.resume))
+    resume_from = all_ok(acc, lambda: ckpt.resolve(cfg.checkpoint.resume))
     if resume_from:
-        state = _all_ok(acc, lambda: ckpt.load(resume_from, model, ema))
+        state = all_ok(acc, lambda: ckpt.load(resume_from, model, ema))
         _check_compatible(state, cfg, plan, resume_from)
         cursor = Cursor(**state["cursor"])
         resumed_step = cursor.step
@@ -296,9 +251,9 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
         "vitpipe.checkpoint_dir": cfg.checkpoint.dir,
     }
     if acc.is_main_process:
-        run_id = _open_run(tracker, run_id, tags, cfg)
+        run_id = open_run(tracker, run_id, tags, cfg)
         if not resume_from:
-            _log_run_inputs(tracker, cfg, manifest, plan)
+            log_run_inputs(tracker, cfg, manifest, plan)
     run_id = broadcast_object_list([run_id])[0] if world > 1 else run_id
     acc.print(f"plan: {json.dumps(asdict(plan) | {'effective_batch': plan.effective_batch})}")
     for line in group_summary(optimizer.param_groups):
@@ -310,6 +265,8 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     try:
         metrics = _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader,
                         val_loader, plan, cursor, ckpt, tracker, stop, run_id)
+        check_replicas(acc, model, cursor.step)
+        weights = export_weights(cfg, acc, model, ema, out_dir, tracker, manifest)
         status = "FINISHED"
     except TrainingInterrupted:
         status = "KILLED"
@@ -324,60 +281,10 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
         raise
     finally:
         stop.restore()
-        if status != "FINISHED":
-            tracker.end(status)
-    _check_replicas(acc, model, cursor.step)
-    weights = _export(cfg, acc, model, ema, out_dir, tracker, manifest)
-    tracker.end("FINISHED")
+        tracker.end(status)
     return {"run_id": run_id, "weights": str(weights), "checkpoint_dir": cfg.checkpoint.dir,
             "checkpoint": ckpt.last_saved, "resumed_from_step": resumed_step,
             "steps": cursor.step, "metrics": metrics}
-
-
-def param_digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's bytes (fp32, CPU), in name order."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(strip_prefixes(name).encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _check_replicas(acc, model, steps: int) -> None:
-    """Every rank reports its steps and parameter digest; diverged replicas are an error."""
-    from accelerate.utils import gather_object
-
-    mine = (acc.process_index, steps, param_digest(acc.unwrap_model(model)))
-    reports = gather_object([mine]) if acc.num_processes > 1 else [mine]
-    for r, n, d in reports:
-        acc.print(f"rank {r}/{acc.num_processes}: {n} steps, param digest {d[:16]}")
-    if len({(n, d) for _, n, d in reports}) != 1:
-        raise TrainingError(f"replicas diverged at the end of training: {reports}")
-
-
-def _open_run(tracker: Tracker, run_id: str | None, tags: dict[str, str],
-              cfg: TrainConfig) -> str | None:
-    if run_id:
-        try:
-            return tracker.start(run_id=run_id, tags=tags)
-        except VitpipeError:
-            pass  # the checkpoint's run is in another store: start a fresh one
-    return tracker.start(run_name=cfg.tracking.run_name or f"{cfg.mode}", tags=tags)
-
-
-def _log_run_inputs(tracker: Tracker, cfg: TrainConfig, manifest: Any, plan: Plan) -> None:
-    from ..config import flatten
-
-    params = flatten(cfg) | {f"plan.{k}": str(v) for k, v in asdict(plan).items()}
-    params["plan.effective_batch"] = str(plan.effective_batch)
-    tracker.log_params(params)
-    tracker.log_dict(_redact(cfg.model_dump(mode="json")), "config/train_config.json")
-    tracker.log_dict(_manifest_dict(manifest), "manifest/manifest.json")
-    tracker.log_dataset(manifest, cfg.data.manifest, "train", "training")
-    if "val" in manifest.splits and cfg.mode != "mae":
-        tracker.log_dataset(manifest, cfg.data.manifest, "val", "validation")
 
 
 def _check_compatible(state: dict[str, Any], cfg: TrainConfig, plan: Plan, where: str) -> None:
@@ -537,61 +444,3 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
         save(cursor.step)
     metrics["steps"] = float(cursor.step)
     return metrics
-
-
-def _export(cfg: TrainConfig, acc, model, ema: ModelEma | None, out_dir: Path,
-            tracker: Tracker, manifest: Any) -> Path:
-    """Write the run's weights (main process) and log them; returns the contract's path."""
-    from ..weights import save_safetensors
-
-    raw = acc.unwrap_model(model)
-    use_ema = ema is not None and cfg.train.use_ema_for_export
-    meta = {"mode": cfg.mode, "model": cfg.model.model_dump_json(),
-            "num_classes": str(len(manifest.classes)),
-            "classes": json.dumps(list(manifest.classes)),
-            "source": "ema" if use_ema else "model"}
-    if cfg.mode == "mae":
-        src = ema.module if use_ema else raw
-        path = out_dir / "encoder.safetensors"
-        if acc.is_main_process:
-            save_safetensors(_cpu(src.encoder_state_dict()), path, metadata=meta)
-            tracker.log_artifact(path, "weights")
-            _log_reconstructions(src, cfg, acc, out_dir, tracker, manifest)
-        acc.wait_for_everyone()
-        return path
-    path = out_dir / "model.safetensors"
-    if acc.is_main_process:
-        save_safetensors(_cpu((ema.module if use_ema else raw).state_dict()), path, metadata=meta)
-        tracker.log_artifact(path, "weights")
-        if ema is not None:
-            ema_path = out_dir / "model_ema.safetensors"
-            save_safetensors(_cpu(ema.module.state_dict()), ema_path,
-                             metadata=meta | {"source": "ema"})
-            tracker.log_artifact(ema_path, "weights")
-    acc.wait_for_everyone()
-    return path
-
-
-def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {strip_prefixes(k): v.detach().float().cpu().contiguous() if v.is_floating_point()
-            else v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def _log_reconstructions(mae, cfg: TrainConfig, acc, out_dir: Path, tracker: Tracker,
-                         manifest: Any) -> None:
-    """MAE runs end with a masked / reconstruction / original figure (logged under plots/)."""
-    from ..data import make_loader
-    from ..data.transforms import build_eval_transform
-    from ..evaluate.plots import plot_mae_reconstructions
-
-    split = "val" if "val" in manifest.splits else "train"
-    tf = build_eval_transform(cfg.data.augment, manifest, mae.encoder.img_size)
-    loader = make_loader(cfg.data.manifest, split, 8, rank=0, world_size=1, num_workers=0,
-                         transform=tf, seed=cfg.seed, train=False,
-                         **_loader_kwargs(cfg))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        images = next(iter(loader))[0]
-        path = plot_mae_reconstructions(mae, images, out_dir / "plots" / "mae_reconstructions.png",
-                                        mean=manifest.mean, std=manifest.std)
-    tracker.log_artifact(path, "plots")
