@@ -122,3 +122,15 @@ def test_plan_equal_steps_and_disjoint_ranks():
     with pytest.raises(DataError, match="multiple of batch_size"):
         make_plan(counts, "train", batch_size=16, rank=0, world_size=1, num_workers=0, epoch=0,
                   seed=0, train=True, start_sample=5)
+
+
+def test_buffer_shuffle_order_is_a_bounded_lag_permutation():
+    from vitpipe.data.plan import buffer_shuffle_order
+
+    order = buffer_shuffle_order(1000, 64, [1, 2])
+    assert sorted(order.tolist()) == list(range(1000))
+    assert all(pos <= t + 64 for t, pos in enumerate(order.tolist()))  # streamable
+    assert order.tolist() != list(range(1000))
+    assert order.tolist() == buffer_shuffle_order(1000, 64, [1, 2]).tolist()
+    assert order.tolist() != buffer_shuffle_order(1000, 64, [1, 3]).tolist()
+    assert buffer_shuffle_order(10, 1, [0]).tolist() == list(range(10))

@@ -234,28 +234,31 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     # -- per worker ---------------------------------------------------------------------------
 
     def _samples(self, wp: WorkerPlan, reader: _ShardReader, report: WorkerReport
-                 ) -> Iterator[tuple[Image.Image, int, str] | None]:
-        """Decoded (image, label, key) in emit order; None = padding (eval) / a bad sample."""
+                 ) -> Iterator[tuple[Any, int, str] | None | object]:
+        """Decoded (image, label, key) in emit order; None = padding, _BAD = a bad sample.
+
+        Streams in read order, holding only items read but not yet emitted (at most the
+        shuffle buffer); items consumed before ``skip`` are never fetched.
+        """
         n = len(wp.shard)
-        window = wp.window or 256  # no shuffle: emit order is read order; stream in chunks
-        for start in range(wp.skip - wp.skip % window, n, window):
-            lo = max(start, wp.skip)
-            positions = wp.emit[lo:start + window]
-            if len(positions) == 0:
-                continue
-            fetched: dict[int, _Raw | _Missing | None] = {}
-            for pos in np.sort(positions):
-                s, m = int(wp.shard[pos]), int(wp.member[pos])
-                fetched[int(pos)] = None if s == PAD else reader.fetch(s, m)
-            for pos in positions:
-                item = fetched.pop(int(pos))
-                if item is None:
-                    yield None
-                    continue
-                if isinstance(item, _Missing):
-                    self._bad(wp, report, item.shard, item.key, item.reason)
-                    yield _BAD
-                    continue
+        needed = np.zeros(n, bool)
+        needed[wp.emit[wp.skip:]] = True
+        held: dict[int, _Raw | _Missing | None] = {}
+        next_read = 0
+        for e in wp.emit[wp.skip:].tolist():
+            while e not in held:
+                pos = next_read
+                next_read += 1
+                if needed[pos]:
+                    s = int(wp.shard[pos])
+                    held[pos] = None if s == PAD else reader.fetch(s, int(wp.member[pos]))
+            item = held.pop(e)
+            if item is None:
+                yield None
+            elif isinstance(item, _Missing):
+                self._bad(wp, report, item.shard, item.key, item.reason)
+                yield _BAD
+            else:
                 try:
                     img, label = self._decode(item)
                 except DataError as err:

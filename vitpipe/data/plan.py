@@ -13,10 +13,12 @@ of the manifest's per-shard counts and (seed, epoch, rank, world_size, num_worke
   rank is padded (label -1) to the longest run so all have the same batch count and sizes.
 * workers: rank batch ``j`` comes from logical worker ``j % num_workers``, matching the
   DataLoader's round-robin; each worker reads one contiguous slice of its rank's run.
-* order: each worker's slice is shuffled inside windows of ``shuffle_buffer`` samples with a
-  seeded permutation (a deterministic block shuffle in place of a reservoir buffer), so the order
-  from sample ``k`` on is known without replaying the first ``k``: resuming reads only what is
-  left (earlier tar members are skipped unread).
+* order: each worker's slice goes through a ``shuffle_buffer``-sized shuffle buffer (the
+  algorithm of ``webdataset.shuffle``), but simulated on indices with a generator seeded by
+  (seed, epoch, rank, worker): the whole emit order is known before any data is read. So the
+  order from sample ``k`` on is known without replaying the first ``k``, and resuming reads only
+  what is left (earlier tar members are skipped unread), still streaming with bounded memory
+  (an item is emitted at most ``shuffle_buffer`` reads after it was read).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ class WorkerPlan:
     batch_ids: list[int]
     batch_sizes: list[int]
     skip: int  # emitted samples already consumed (resume)
-    window: int  # shuffle window; the emit order is permuted within [k*window, (k+1)*window)
 
     @property
     def real_items(self) -> int:
@@ -100,15 +101,33 @@ class EpochPlan:
         n = sum(sizes)
         shard = self.shard[offset:offset + n]
         member = self.member[offset:offset + n]
-        window = self.shuffle_buffer if self.train and self.shuffle_buffer > 1 else 0
-        emit = np.arange(n)
-        if window:
-            for k, start in enumerate(range(0, n, window)):
-                rng = np.random.default_rng([self.seed, self.epoch, self.rank, w, k, 0xB10C])
-                emit[start:start + window] = start + rng.permutation(min(window, n - start))
+        if self.train and self.shuffle_buffer > 1:
+            emit = buffer_shuffle_order(n, self.shuffle_buffer,
+                                        [self.seed, self.epoch, self.rank, w, 0xB10C])
+        else:
+            emit = np.arange(n)
         consumed = sum(1 for j in ids if j < self.start_batch)
         return WorkerPlan(w, shard, member, emit, ids[consumed:], sizes[consumed:],
-                          skip=sum(sizes[:consumed]), window=window)
+                          skip=sum(sizes[:consumed]))
+
+
+def buffer_shuffle_order(n: int, size: int, seed: list[int]) -> np.ndarray:
+    """Emit order of ``n`` items read in order through a shuffle buffer of ``size``: once full,
+    each read replaces a random buffered item, which is emitted; the rest leave shuffled."""
+    size = min(size, n)
+    if size <= 1:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    buf = list(range(size))
+    out = np.empty(n, np.int64)
+    for t, (pos, k) in enumerate(zip(range(size, n), rng.integers(0, size, n - size).tolist(),
+                                     strict=True)):
+        out[t] = buf[k]
+        buf[k] = pos
+    rest = np.asarray(buf)
+    rng.shuffle(rest)
+    out[n - size:] = rest
+    return out
 
 
 def _take(counts: np.ndarray, order: np.ndarray, start: int, stop: int) -> tuple[np.ndarray,
