@@ -105,3 +105,36 @@ def test_checkpoint_from_another_architecture(acc, tmp_path):
         check_architecture(tmp_path / "step_000000001" / "model.safetensors", tiny(), uri)
     assert "missing" in str(err.value) and "shape" in str(err.value)
     assert uri in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["vit_tiny_conv4_28", "mae", "avg_pool_factorized"])
+def test_round_trip_per_model_config(acc, tmp_path, kind):
+    """PITFALLS (accelerate #2807): save_state/load_state must round-trip every model shape."""
+    from vitpipe.config import MAEConfig, ModelConfig
+    from vitpipe.models import build_mae
+
+    small = dict(depth=1, embed_dim=32, num_heads=2)
+    if kind == "mae":
+        model = build_mae(ModelConfig(name="vit_tiny_patch7_28", **small),
+                          MAEConfig(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2))
+    elif kind == "avg_pool_factorized":
+        model = build_model("vit_tiny_patch7_28", global_pool="avg", pos_embed="factorized",
+                            num_classes=10, **small)
+    else:
+        model = build_model(kind, num_classes=10, **small)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    out = model(torch.randn(2, 1, 28, 28))
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    opt.step()
+    acc.step = 1
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr = CheckpointManager(acc, str(tmp_path), keep_last=1, staging=tmp_path / "stg")
+    uri = mgr.save(1, state(1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    mgr.load(uri, model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert opt.state_dict()["state"][0]["step"] == 1
