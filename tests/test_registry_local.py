@@ -232,6 +232,7 @@ def test_loading_model_in_process_uses_the_registered_files(local):
     names = {p.name for p in (path / "artifacts").iterdir()}
     assert {"model.safetensors", "train_config.json", "manifest.json"} <= names
     assert not list(path.rglob("*.pt")) and not list(path.rglob("*.pth"))
+    assert not list(path.rglob("*.pkl"))  # models from code: nothing to unpickle on load
     reqs = (path / "requirements.txt").read_text()
     assert "vitpipe==" in reqs and "torch" not in reqs  # vitpipe brings torch itself
 

@@ -41,7 +41,6 @@ from .pyfunc import (
     ART_TRAIN_CONFIG,
     ART_WEIGHTS,
     INPUT_COLUMN,
-    VitClassifier,
     build_network,
     load_weights,
     signature,
@@ -51,6 +50,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_NAME_IN_RUN = "model"  # the pyfunc's name inside the training run
 TRAIN_CONFIG_PATH, MANIFEST_PATH = "config/train_config.json", "manifest/manifest.json"
 METRIC_TAG = "vitpipe.metric."
+ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")
 EVAL_SPLITS = ("test_", "val_", "validation_")
 
 
@@ -260,7 +260,7 @@ def _log_pyfunc(uri: str, run: Any, files: dict[str, Path], top_k: int, example:
         with mlflow.start_run(run_id=info.run_id, log_system_metrics=False):
             logged = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
-                python_model=VitClassifier(),
+                python_model=str(ENTRY_POINT),  # models from code: nothing pickled
                 artifacts={k: str(v) for k, v in files.items()},
                 signature=signature(top_k),
                 input_example=example,
