@@ -166,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`--config x.yaml train.lr=1e-3 --mode mae`): argparse
+    # stops collecting a positional list at the first option, so route stray k=v items back.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if "=" in e and not e.startswith("-")]
+    if len(stray) != len(extra) or (stray and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(e for e in extra if e not in stray)}")
+    if stray:
+        args.overrides = list(args.overrides) + stray
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
