@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_train_support import make_shards, train_cfg
+from vitpipe.data import read_manifest
 from vitpipe.train import train
 
 
@@ -58,7 +59,7 @@ def test_supervised_overfits_64_samples_with_ema(tmp_path, shards64, monkeypatch
     tags = run.data.tags
     assert tags["vitpipe.mode"] == "supervised"
     assert tags["vitpipe.prefect_flow_run_id"] == "flow-xyz"
-    assert tags["vitpipe.dataset_digest"]
+    assert tags["vitpipe.dataset_digest"] == read_manifest(shards64).digest
     assert tags["vitpipe.checkpoint"].endswith("step_000000120")
     params = run.data.params
     assert params["train.lr"] == "0.004" and params["model.depth"] == "2"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, TrainConfig
 from ..errors import CheckpointError, TrainingError
-from ..tracking import Tracker, run_tags, split_digest
+from ..tracking import Tracker, run_tags
 from .artifacts import export_weights, log_run_inputs, open_run
 from .checkpoint import CheckpointManager
 from .distributed import (
@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
 
     # ---- tracking ---------------------------------------------------------------------------
     tags = run_tags(cfg.mode, world) | {
-        "vitpipe.dataset_digest": split_digest(manifest, "train"),
+        "vitpipe.dataset_digest": str(manifest.digest),  # the whole shard set (registry too)
         "vitpipe.checkpoint_dir": cfg.checkpoint.dir,
     }
     if acc.is_main_process:
