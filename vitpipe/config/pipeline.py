@@ -43,9 +43,11 @@ class LaunchConfig(StrictModel):
     """How training stages are launched (``accelerate launch`` arguments).
 
     ``num_processes`` is per machine (GPUs per node); accelerate receives the total.
-    ``max_retries`` is the training flows' retry count: each retry resumes from the newest
-    checkpoint. Under deployments it also bounds how often the pipeline resubmits a stage run
-    whose infrastructure crashed (Prefect does not retry crashes, PITFALLS).
+    ``max_retries``: with subflows, the training flows' Prefect retries (each resumes from the
+    newest checkpoint). With deployments the stage flow's own retries come from
+    ``VITPIPE_TRAIN_RETRIES`` in the worker/job environment (default 2, fixed when the flow is
+    loaded), and ``max_retries`` bounds how often the pipeline resubmits a stage run whose
+    infrastructure crashed (Prefect does not retry crashes, PITFALLS).
     """
 
     num_processes: int = Field(1, ge=1)
