@@ -179,6 +179,8 @@ def down(stack_dir: str | Path, grace: float = 10.0) -> list[str]:
         # each service leads its own session, so its pid is its process group id
         if not _group_alive(pid):
             continue
+        if Path(f"/proc/{pid}").exists() and not _ours(rec):
+            continue  # the pid was reused by another program: not ours to stop
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
