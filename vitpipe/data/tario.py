@@ -78,6 +78,7 @@ class TarCursor:
                 raise ShardError(self.url, f"corrupt or truncated tar ({err})") from None
             except DataError as err:
                 raise ShardError(self.url, str(err)) from None
+            self.tar.members = []  # stream mode keeps every header otherwise
             if ti is None:
                 self.done, self.pending = True, None
                 return

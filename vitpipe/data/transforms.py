@@ -36,7 +36,7 @@ class ToChannels(torch.nn.Module):
             if img.mode != mode:
                 img = img.convert(mode)
             t = torch.from_numpy(np.array(img))  # faster than to_image for small images
-            t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+            t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
             return t.as_subclass(tv_tensors.Image)
         t = v2.functional.to_image(img) if not isinstance(img, torch.Tensor) else img
         if t.ndim == 2:
