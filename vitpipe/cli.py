@@ -87,6 +87,15 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .config import TrackingConfig
+    from .registry import rollback
+
+    tracking = TrackingConfig(uri=args.tracking_uri) if args.tracking_uri else None
+    print(json.dumps(rollback(args.model_name, tracking), indent=2))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .registry.predict import predict_cli
 
@@ -146,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="register a run's model in MLflow; gate to champion")
     _add_config_args(p)
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("rollback", help="move a registered model's champion back one step")
+    p.add_argument("model_name", help="e.g. vitpipe-fmnist")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite)")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("predict", help="top-k predictions of a registered model on images")
     p.add_argument("model_uri", help="e.g. models:/vitpipe-fmnist@champion")
