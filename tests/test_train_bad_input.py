@@ -29,6 +29,12 @@ def test_unknown_key_and_bad_lr_name_the_key():
         load(TrainConfig, None, ["train.use_ema_for_export=true"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid with a GPU")
+def test_fp16_on_cpu_is_refused(tmp_path, shards):
+    with pytest.raises(ConfigError, match="mixed_precision=fp16 needs a CUDA GPU"):
+        train(train_cfg(tmp_path, shards, "train.mixed_precision=fp16"))
+
+
 def test_cli_config_error_exit_code(tmp_path):
     res = cli(["train", "--mode", "supervised", "train.epoch=3"], timeout=120)
     assert res.returncode == 2

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..errors import TrainingError, VitpipeError
 from .checkpoint import strip_prefixes
 
@@ -30,6 +30,9 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (no loss scaler on CPU); "
+                          "use bf16 or no on CPU")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         backend = "gloo"
