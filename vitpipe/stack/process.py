@@ -88,7 +88,9 @@ class ManagedProcess:
             time.sleep(0.25)
         tail = self.log_tail()
         self.stop()
-        raise TimeoutError(f"{self.name} not healthy after {timeout:.0f}s ({self.health_url}):\n{tail}")
+        raise TimeoutError(
+            f"{self.name} not healthy after {timeout:.0f}s ({self.health_url}):\n{tail}"
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
