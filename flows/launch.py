@@ -67,10 +67,12 @@ def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
             "--num_machines", str(launch.num_machines),
             "--mixed_precision", launch.mixed_precision,
             "--dynamo_backend", "no"]
-    if launch.cpu:
-        argv.append("--cpu")
-    elif launch.num_processes * launch.num_machines > 1:
+    # accelerate 1.15 runs a single process under --cpu whatever --num_processes says, so
+    # several processes always go through --multi_gpu (gloo on a host without GPUs).
+    if launch.num_processes * launch.num_machines > 1:
         argv.append("--multi_gpu")
+    elif launch.cpu:
+        argv.append("--cpu")
     if launch.num_machines > 1:
         if not launch.main_process_ip:
             raise TrainingError(
@@ -80,7 +82,8 @@ def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
         argv += ["--machine_rank", str(launch.machine_rank),
                  "--main_process_ip", launch.main_process_ip,
                  "--main_process_port", str(launch.main_process_port or 29500),
-                 "--rdzv_backend", "static"]
+                 "--rdzv_backend", "static",
+                 "--rdzv_conf", f"timeout={launch.rendezvous_timeout_s}"]
     elif launch.main_process_port:
         argv += ["--main_process_port", str(launch.main_process_port)]
     argv += ["--module", "vitpipe.cli", "train", "--config", str(config_path)]

@@ -68,6 +68,10 @@ def test_accelerate_command_for_one_and_many_machines(tmp_path: Path) -> None:
     assert many[many.index("--machine_rank") + 1] == "1"
     assert many[many.index("--main_process_ip") + 1] == "job-0.vitpipe-train"
     assert many[many.index("--mixed_precision") + 1] == "bf16"
+    assert many[many.index("--rdzv_conf") + 1] == "timeout=300"
+    # several CPU processes must not go through --cpu (accelerate would start only one)
+    cpu_two = accelerate_argv(LaunchConfig(cpu=True, num_processes=2), cfg)
+    assert "--multi_gpu" in cpu_two and "--cpu" not in cpu_two
     with pytest.raises(TrainingError, match="main_process_ip"):
         accelerate_argv(LaunchConfig(num_machines=2), cfg)
 

@@ -59,6 +59,8 @@ class LaunchConfig(StrictModel):
     cpu: bool = False
     max_retries: int = Field(2, ge=0)
     grace_seconds: float = Field(60.0, gt=0)  # SIGTERM -> checkpoint -> exit, before SIGKILL
+    # multi-node: a machine that never joins fails the rendezvous after this, not hangs
+    rendezvous_timeout_s: int = Field(300, gt=0)
 
     @model_validator(mode="after")
     def _rank(self) -> LaunchConfig:
