@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -64,8 +65,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_stage("train", args.config, overrides, section=section)
-    result = train(cfg)
-    print(json.dumps(result if isinstance(result, dict) else result.__dict__, default=str))
+    from .train import TrainingInterrupted
+
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as err:  # SIGTERM: checkpoint written; tell supervisors apart
+        print(f"vitpipe train: {err}", file=sys.stderr)
+        return 143
+    if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
+        print(json.dumps(result, default=str))
     return 0
 
 
