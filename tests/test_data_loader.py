@@ -103,3 +103,13 @@ def test_pil_and_tensor_decoding_give_the_same_batches(tmp_path_factory):
     assert a[3] == b[3] and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
     with pytest.raises(Exception, match="decode must be"):
         make_loader(uri, "val", 32, decode="cv2")
+
+
+@pytest.mark.parametrize("left", [1, 2, 3])
+def test_resume_near_the_end_of_an_epoch(tmp_path_factory, left):
+    uri = small_fmnist(tmp_path_factory)
+    full = _run(uri, "train", 16, workers=2, epoch=4, seed=5)
+    steps = len(full[0])
+    tail = _run(uri, "train", 16, workers=2, epoch=4, seed=5, start_sample=(steps - left) * 16)
+    assert len(tail[0]) == left and tail[3] == full[3][-left:]
+    assert len(_run(uri, "train", 16, workers=2, epoch=4, start_sample=steps * 16)[1]) == 0
