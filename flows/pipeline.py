@@ -326,8 +326,8 @@ def summary_text(s: dict[str, Any], metric: str) -> str:
     return f"""
 == vitpipe: {s['name']} done ==
 {metric}: {s['metrics'].get(metric, float('nan')):.4f}
-model: {s['model_uri']} ({'champion' if s['promoted'] else 'not promoted'}: \
-{s['decision'].get('reason', '')})
+model: {s['model_uri']} ({'promoted to champion' if s['promoted'] else 'not promoted'}; \
+gate: {s['decision'].get('reason', '')})
 plots:
 {plots}
 timing: wall {s['wall_seconds']:.1f}s, stages {s['stage_seconds']:.1f}s, \
