@@ -112,6 +112,22 @@ def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def shape_mismatch(saved: dict[str, tuple[int, ...]], own: dict[str, tuple[int, ...]]) -> str:
+    """Missing, unexpected and mis-shaped keys of ``saved`` against ``own``; "" when they fit."""
+    missing = sorted(k for k in own if k not in saved)
+    unexpected = sorted(k for k in saved if k not in own)
+    wrong = sorted(f"{k} {saved[k]} vs model {own[k]}"
+                   for k in own if k in saved and saved[k] != own[k])
+    parts = []
+    if missing:
+        parts.append(f"missing: {_shown(missing)}")
+    if unexpected:
+        parts.append(f"unexpected: {_shown(unexpected)}")
+    if wrong:
+        parts.append(f"shape mismatch: {_shown(wrong)}")
+    return "; ".join(parts)
+
+
 def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_SHOWN]) + (f" (+{len(keys) - _MAX_SHOWN} more)"
                                            if len(keys) > _MAX_SHOWN else "")
@@ -173,21 +189,12 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
         sd.pop(k)
     report["ignored"] += extra_head
 
-    missing = sorted(k for k in target if k not in sd)
-    unexpected = sorted(k for k in sd if k not in target)
-    wrong = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-                   for k in target if k in sd and sd[k].shape != target[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing: {_shown(missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {_shown(unexpected)}")
-        if wrong:
-            parts.append(f"shape mismatch: {_shown(wrong)}")
+    problems = shape_mismatch({k: tuple(v.shape) for k, v in sd.items()},
+                              {k: tuple(v.shape) for k, v in target.items()})
+    if problems:
         raise CheckpointError(
             "checkpoint does not fit this model (another architecture?) - "
-            + "; ".join(parts)
+            + problems
             + ". Check model.name and its overrides (embed_dim, depth, pos_embed, stem, "
             "global_pool) against the run that produced the weights."
         )

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..weights import shape_mismatch
 from . import remote
 
 STATE_FILE = "vitpipe_state.json"
@@ -74,22 +75,11 @@ def check_architecture(ckpt_file: Path, model: torch.nn.Module, where: str) -> N
     with safe_open(str(ckpt_file), framework="pt") as f:
         saved = {strip_prefixes(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     own = {strip_prefixes(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    shape = sorted(k for k in set(own) & set(saved) if own[k] != saved[k])
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} shape mismatches (e.g. {k}: checkpoint {saved[k]} "
-                         f"vs model {own[k]})")
+    problems = shape_mismatch(saved, own)
+    if problems:
         raise CheckpointError(
             f"checkpoint {where} is from another architecture than the configured model: "
-            + "; ".join(parts)
+            + problems
             + ". Point checkpoint.dir/--resume elsewhere or fix the model config."
         )
 
