@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -343,8 +344,10 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
     from tqdm.auto import tqdm
 
     rank = acc.process_index
+    # Piped output (a flow streaming into Prefect logs) gets a line per refresh: refresh less.
     bar = tqdm(total=plan.total_steps, initial=cursor.step, unit="step", dynamic_ncols=True,
-               mininterval=1.0, disable=not (acc.is_main_process and cfg.progress))
+               mininterval=1.0 if sys.stderr.isatty() else 10.0,
+               disable=not (acc.is_main_process and cfg.progress))
     metrics: dict[str, float] = {}
     last_saved = cursor.step if cursor.step > 0 else -1  # resumed: that step is on disk
     window_loss = torch.zeros(2, device=acc.device)
