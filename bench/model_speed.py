@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import time_steps
 
 from vitpipe.config import MAEConfig
 from vitpipe.models import MaskedAutoencoder, build_model, resolve
@@ -64,19 +65,6 @@ def make_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], 
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def time_steps(step: Callable[[], None], n: int, device: torch.device,
-               clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds per step over ``n`` steps."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = clock()
-    for _ in range(n):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (clock() - t0) / n
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import time_steps
 
 from vitpipe.config import TrainConfig, load_stage
 from vitpipe.models import build_from_config, build_mae
@@ -76,17 +77,6 @@ def engine_step(acc, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 CLOCK: Callable[[], float] = time.perf_counter
 
 
-def timed(step: Callable[[], None], n: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = CLOCK()
-    for _ in range(n):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (CLOCK() - t0) / n
-
-
 def race(steps: dict[str, Callable[[], None]], repeats: int, n: int, warmup: int,
          device: torch.device) -> dict[str, float]:
     """Fastest seconds/step of each, interleaved with alternating order."""
@@ -96,7 +86,7 @@ def race(steps: dict[str, Callable[[], None]], repeats: int, n: int, warmup: int
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(repeats):
         for k in (list(steps) if r % 2 == 0 else list(reversed(steps))):
-            times[k].append(timed(steps[k], n, device))
+            times[k].append(time_steps(steps[k], n, device, CLOCK))
     return {k: min(v) for k, v in times.items()}
 
 
