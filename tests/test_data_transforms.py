@@ -11,11 +11,12 @@ from PIL import Image
 from vitpipe.config import AugmentConfig
 from vitpipe.data.manifest import Manifest, SourceInfo
 from vitpipe.data.transforms import (
-    apply_batch_tail,
+    BatchHorizontalFlip,
     build_eval_transform,
     build_mix,
     build_train_transform,
     split_batchable,
+    transform_batch,
 )
 
 
@@ -77,11 +78,43 @@ def test_batched_tail_gives_identical_numbers(size):
     m = _manifest(3)
     tf = build_eval_transform(AugmentConfig(), m, size)
     head, tail = split_batchable(tf)
-    assert [type(t).__name__ for t in tail.transforms] == ["ToDtype", "Normalize"]
+    assert head is None  # eval: channel conversion, resize+crop, ToDtype, Normalize all batch
+    assert [type(t).__name__ for t in tail.transforms] == [
+        "ToChannels", "ResizeCenterCrop", "ToDtype", "Normalize"]
     rng = np.random.default_rng(1)
-    imgs = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(4)]
+    arrays = [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(4)]
+    imgs = [Image.fromarray(a) for a in arrays]
     per_sample = torch.stack([tf(i) for i in imgs])
-    batched = apply_batch_tail(tail, torch.stack([head(i) for i in imgs]))
-    assert type(batched) is torch.Tensor and torch.equal(per_sample, batched)
+    tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
+    batched = transform_batch(head, tail, tensors)  # stacked once, tail on the batch
+    assert type(batched) is torch.Tensor and torch.allclose(per_sample, batched, atol=1e-6)
+    assert torch.equal(transform_batch(head, tail, imgs), per_sample)  # PIL: per image
+    ragged = [*tensors[:2], torch.from_numpy(
+        rng.integers(0, 256, (3, 40, 36), dtype=np.uint8))]  # sizes differ: per image
+    out = transform_batch(head, tail, ragged)
+    assert out.shape == (3, 3, size, size) and torch.allclose(out[:2], per_sample[:2], atol=1e-6)
     erasing = build_train_transform(AugmentConfig(random_erasing=0.5), m, size)
     assert split_batchable(erasing)[1] is None  # random tail: stays per sample
+
+
+def test_batch_flip_flips_each_image_independently():
+    m = _manifest(1)
+    tf = build_train_transform(AugmentConfig(random_resized_crop=False, hflip=0.5), m, 28)
+    head, tail = split_batchable(tf)
+    assert head is None and any(isinstance(t, BatchHorizontalFlip) for t in tail.transforms)
+    img = torch.arange(28 * 28, dtype=torch.uint8).reshape(1, 28, 28)  # asymmetric
+    torch.manual_seed(0)
+    out = transform_batch(head, tail, [img] * 64)
+    plain = transform_batch(None, tail_without_flip(tail), [img])[0]
+    flipped = [bool(torch.allclose(o, plain.flip(-1))) for o in out]
+    kept = [bool(torch.allclose(o, plain)) for o in out]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each: one or the other
+    assert 16 < sum(flipped) < 48  # about half, drawn per image
+    torch.manual_seed(0)
+    assert torch.equal(transform_batch(head, tail, [img] * 64), out)  # seeded: reproducible
+
+
+def tail_without_flip(tail):
+    from torchvision.transforms import v2
+
+    return v2.Compose([t for t in tail.transforms if not isinstance(t, BatchHorizontalFlip)])

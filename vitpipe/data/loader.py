@@ -37,6 +37,7 @@ from . import images
 from .manifest import Manifest, read_manifest
 from .plan import PAD, EpochPlan, WorkerPlan, make_plan
 from .tario import ShardError, TarCursor, UnsafeShardError
+from .transforms import split_batchable, transform_batch
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,6 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.decode = decode
         self.manifest, self.plan, self.s3 = manifest, plan, s3
-        from .transforms import split_batchable
-
         self.transform, self.batch_tail = split_batchable(transform or _default_transform())
         self.max_bad_fraction = max_bad_fraction
         self.with_keys = with_keys
@@ -311,17 +310,11 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         plan = self.plan
         gen_seed = hash((plan.seed, plan.epoch, plan.rank, batch_id, 0xA06)) & (2**63 - 1)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(gen_seed)
-            tensors = [self.transform(img) for img, _, _ in items]
-        try:
-            x = torch.stack([t.as_subclass(torch.Tensor) for t in tensors])
-        except RuntimeError:
-            shapes = sorted({tuple(t.shape) for t in tensors})
-            raise _Stop(f"images in one batch differ in shape {shapes[:3]}; pass a transform "
-                        "that resizes (vitpipe.data.transforms)") from None
-        from .transforms import apply_batch_tail
-
-        x = apply_batch_tail(self.batch_tail, x)
+            torch.default_generator.manual_seed(gen_seed)  # CPU only: no CUDA lazy-init cost
+            try:
+                x = transform_batch(self.transform, self.batch_tail, [img for img, _, _ in items])
+            except DataError as err:
+                raise _Stop(str(err)) from None
         y = torch.tensor([label for _, label, _ in items], dtype=torch.long)
         if self.with_keys:
             return x, y, [k for _, _, k in items]

@@ -145,19 +145,54 @@ def build_mix(aug: AugmentConfig, num_classes: int) -> BatchMix | None:
     return BatchMix(mix, num_classes, aug.mix_prob)
 
 
-def split_batchable(transform: Callable) -> tuple[Callable, Callable | None]:
-    """Split a ``v2.Compose`` into a per-sample head and a per-batch tail of trailing
-    ``ToDtype``/``Normalize`` ops: element-wise and deterministic, so applying them once to the
-    stacked uint8 batch gives the same numbers at a fraction of the per-sample cost."""
+class BatchHorizontalFlip(torch.nn.Module):
+    """``RandomHorizontalFlip`` for a stacked (B, C, H, W) batch: each image flipped
+    independently with probability ``p`` (a single (C, H, W) image: as v2's)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 4:
+            return v2.RandomHorizontalFlip(self.p)(x)
+        flip = torch.rand(x.shape[0]) < self.p
+        if not bool(flip.any()):
+            return x
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def _batch_op(op: Callable) -> Callable | None:
+    """The batch form of a per-sample op whose effect on each image is independent of the other
+    images (and that works on (B, C, H, W) as on (C, H, W)); None if it has none."""
+    if isinstance(op, (v2.ToDtype, v2.Normalize, ToChannels, ResizeCenterCrop,
+                       BatchHorizontalFlip)):
+        return op
+    if isinstance(op, v2.RandomHorizontalFlip):
+        return BatchHorizontalFlip(op.p)
+    return None
+
+
+def split_batchable(transform: Callable) -> tuple[Callable | None, Callable | None]:
+    """Split a ``v2.Compose`` into a per-sample head (None if empty) and a per-batch tail: the
+    longest suffix of ops with a batch form (channel conversion, resize + center crop at a fixed
+    size, horizontal flip, ToDtype, Normalize).
+
+    Running the tail once on the stacked uint8 batch costs a fraction of running it per sample
+    (the v2 dispatch alone is ~10 us per op and image). Deterministic ops give the same numbers;
+    flips draw one coin per image, as per sample, from the batch's seeded generator. The tail
+    also accepts a single image (for batches whose images differ in size).
+    """
     if not isinstance(transform, v2.Compose):
         return transform, None
     ops = list(transform.transforms)
     tail: list[Callable] = []
-    while len(ops) > 1 and isinstance(ops[-1], (v2.ToDtype, v2.Normalize)):
-        tail.insert(0, ops.pop())
+    while ops and (batch := _batch_op(ops[-1])) is not None:
+        ops.pop()
+        tail.insert(0, batch)
     if not tail:
         return transform, None
-    return v2.Compose(ops), v2.Compose(tail)
+    return (v2.Compose(ops) if ops else None), v2.Compose(tail)
 
 
 def apply_batch_tail(tail: Callable | None, batch: torch.Tensor) -> torch.Tensor:
@@ -167,5 +202,27 @@ def apply_batch_tail(tail: Callable | None, batch: torch.Tensor) -> torch.Tensor
     return tail(batch.as_subclass(tv_tensors.Image)).as_subclass(torch.Tensor)
 
 
-__all__ = ["BatchMix", "ResizeCenterCrop", "ToChannels", "apply_batch_tail",
-           "build_eval_transform", "build_mix", "build_train_transform", "split_batchable"]
+def transform_batch(head: Callable | None, tail: Callable | None, images: list[Any]
+                    ) -> torch.Tensor:
+    """``images`` through a :func:`split_batchable` pair into one (B, C, H, W) float batch: the
+    head per image, then the tail once on the stack (per image where sizes differ)."""
+    xs = [head(img) for img in images] if head is not None else list(images)
+    if tail is not None and not all(isinstance(t, torch.Tensor) and t.shape == xs[0].shape
+                                    for t in xs):
+        xs = [tail(t) for t in xs]  # ragged or PIL: the tail resizes/converts each image
+        tail = None
+    if not all(isinstance(t, torch.Tensor) for t in xs):
+        raise DataError("the transform must turn each image into a tensor (end with ToImage/"
+                        "ToDtype, or use vitpipe.data.transforms)")
+    try:
+        x = torch.stack([t.as_subclass(torch.Tensor) for t in xs])
+    except RuntimeError:
+        shapes = sorted({tuple(t.shape) for t in xs})
+        raise DataError(f"images in one batch differ in shape {shapes[:3]}; pass a transform "
+                        "that resizes (vitpipe.data.transforms)") from None
+    return apply_batch_tail(tail, x)
+
+
+__all__ = ["BatchHorizontalFlip", "BatchMix", "ResizeCenterCrop", "ToChannels",
+           "apply_batch_tail", "build_eval_transform", "build_mix", "build_train_transform",
+           "split_batchable", "transform_batch"]
