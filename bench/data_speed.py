@@ -4,8 +4,8 @@ The same images (written once as files, and once into shards with their bytes un
 same transform (vitpipe's eval transform) and 2 worker processes for all:
 
 * ``wds``: ``vitpipe.data.make_loader`` over the shards (one shuffled epoch): torchvision's
-  decoders straight to uint8 tensors, the transform's trailing ToDtype/Normalize once per batch
-  (identical numbers, see ``split_batchable``).
+  decoders straight to uint8 tensors; the transform's channel conversion, resize/crop, ToDtype
+  and Normalize once per stacked batch (identical numbers, see ``split_batchable``).
 * ``imagefolder``: ``torchvision.datasets.ImageFolder(transform=...)`` (PIL decode) +
   ``DataLoader(shuffle=True)``, as usually written.
 * ``imagefolder_tuned``: ImageFolder with the shard loader's decoder and per-batch tail, so it
@@ -45,9 +45,9 @@ from vitpipe.config import AugmentConfig, ShardConfig  # noqa: E402
 from vitpipe.data import images, make_loader, read_manifest, shard  # noqa: E402
 from vitpipe.data.sources import FashionMNISTSource  # noqa: E402
 from vitpipe.data.transforms import (  # noqa: E402
-    apply_batch_tail,
     build_eval_transform,
     split_batchable,
+    transform_batch,
 )
 
 WORKERS = 2
@@ -99,8 +99,9 @@ class _InMemory(torch.utils.data.IterableDataset):
         n_batches = len(self.blobs) // self.batch
         for b in range(w, n_batches, nw):
             sl = range(b * self.batch, (b + 1) * self.batch)
-            x = torch.stack([self.head(_decode(self.blobs[i], self.channels)) for i in sl])
-            yield apply_batch_tail(self.tail, x), torch.tensor([self.labels[i] for i in sl])
+            x = transform_batch(self.head, self.tail,
+                                [_decode(self.blobs[i], self.channels) for i in sl])
+            yield x, torch.tensor([self.labels[i] for i in sl])
 
 
 def _decode(data: bytes, channels: int):
@@ -125,8 +126,8 @@ class _BatchTail:
         self.tail = tail
 
     def __call__(self, items):
-        x = torch.stack([t.as_subclass(torch.Tensor) for t, _ in items])
-        return apply_batch_tail(self.tail, x), torch.tensor([y for _, y in items])
+        x = transform_batch(None, self.tail, [t for t, _ in items])
+        return x, torch.tensor([y for _, y in items])
 
 
 def _cpu() -> float:

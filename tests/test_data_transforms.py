@@ -12,6 +12,7 @@ from vitpipe.config import AugmentConfig
 from vitpipe.data.manifest import Manifest, SourceInfo
 from vitpipe.data.transforms import (
     BatchHorizontalFlip,
+    ScaleNormalize,
     build_eval_transform,
     build_mix,
     build_train_transform,
@@ -80,7 +81,7 @@ def test_batched_tail_gives_identical_numbers(size):
     head, tail = split_batchable(tf)
     assert head is None  # eval: channel conversion, resize+crop, ToDtype, Normalize all batch
     assert [type(t).__name__ for t in tail.transforms] == [
-        "ToChannels", "ResizeCenterCrop", "ToDtype", "Normalize"]
+        "ToChannels", "ResizeCenterCrop", "ScaleNormalize"]
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(4)]
     imgs = [Image.fromarray(a) for a in arrays]
@@ -88,7 +89,7 @@ def test_batched_tail_gives_identical_numbers(size):
     tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
     batched = transform_batch(head, tail, tensors)  # stacked once, tail on the batch
     assert type(batched) is torch.Tensor and torch.allclose(per_sample, batched, atol=1e-6)
-    assert torch.equal(transform_batch(head, tail, imgs), per_sample)  # PIL: per image
+    assert torch.allclose(transform_batch(head, tail, imgs), per_sample, atol=1e-6)  # PIL
     ragged = [*tensors[:2], torch.from_numpy(
         rng.integers(0, 256, (3, 40, 36), dtype=np.uint8))]  # sizes differ: per image
     out = transform_batch(head, tail, ragged)
@@ -114,7 +115,38 @@ def test_batch_flip_flips_each_image_independently():
     assert torch.equal(transform_batch(head, tail, [img] * 64), out)  # seeded: reproducible
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_scale_normalize_equals_todtype_then_normalize(channels):
+    from torchvision.transforms import v2
+
+    mean, std = [0.2, 0.4, 0.6][:channels], [0.3, 0.2, 0.1][:channels]
+    ref = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    fused = ScaleNormalize(mean, std)
+    x = torch.randint(0, 256, (5, channels, 9, 7), dtype=torch.uint8)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    for inp in (x, cl, x[0]):
+        assert torch.allclose(fused(inp), ref(inp), atol=1e-5)
+    f = x.float() / 255  # float input: not rescaled again, as ToDtype
+    assert torch.allclose(fused(f), ref(f), atol=1e-5) and torch.equal(f, x.float() / 255)
+
+
 def tail_without_flip(tail):
     from torchvision.transforms import v2
 
     return v2.Compose([t for t in tail.transforms if not isinstance(t, BatchHorizontalFlip)])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunked_and_shared_batches_equal_the_plain_batch(monkeypatch, shared):
+    from vitpipe.data import transforms as T
+
+    m = _manifest(3)
+    head, tail = split_batchable(build_eval_transform(AugmentConfig(), m, 20))
+    hwc = torch.randint(0, 256, (10, 28, 28, 3), dtype=torch.uint8)
+    imgs = list(hwc.permute(0, 3, 1, 2))  # channels-last views, as decoded
+    whole = transform_batch(head, tail, imgs)
+    monkeypatch.setattr(T, "CHUNK_BYTES", 3 * 28 * 28 * 3)  # 3 images per tail call
+    chunked = transform_batch(head, tail, imgs, shared=shared)
+    assert chunked.shape == (10, 3, 20, 20) and torch.allclose(chunked, whole, atol=1e-6)
+    assert chunked.is_shared() == shared
+    assert transform_batch(head, tail, imgs[:2], shared=shared).is_shared() == shared

@@ -312,7 +312,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(gen_seed)  # CPU only: no CUDA lazy-init cost
             try:
-                x = transform_batch(self.transform, self.batch_tail, [img for img, _, _ in items])
+                x = transform_batch(self.transform, self.batch_tail, [img for img, _, _ in items],
+                                    shared=torch.utils.data.get_worker_info() is not None)
             except DataError as err:
                 raise _Stop(str(err)) from None
         y = torch.tensor([label for _, label, _ in items], dtype=torch.long)
