@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from typing import IO
 
-from webdataset.tariterators import base_plus_ext
-
 from .. import storage
 from ..config.data import S3Config
 from ..errors import DataError
@@ -226,10 +224,11 @@ class TarCursor:
                 raise UnsafeShardError(self.url, f"member {name!r} is a link; refusing the shard")
             if kind not in _REGULAR or name.rpartition("/")[2].startswith("__"):
                 continue
-            key, ext = base_plus_ext(name)
-            if key is None:
+            slash = name.rfind("/") + 1  # WebDataset's base_plus_ext, without the regex
+            dot = name.find(".", slash)
+            if dot <= slash:
                 continue
-            self.pending_key, self.pending_ext = key, ext.lower()
+            self.pending_key, self.pending_ext = name[:dot], name[dot + 1:].lower()
             return
 
     def read(self, target: int) -> tuple[str, dict[str, bytes]] | None:
