@@ -150,3 +150,22 @@ def test_chunked_and_shared_batches_equal_the_plain_batch(monkeypatch, shared):
     assert chunked.shape == (10, 3, 20, 20) and torch.allclose(chunked, whole, atol=1e-6)
     assert chunked.is_shared() == shared
     assert transform_batch(head, tail, imgs[:2], shared=shared).is_shared() == shared
+
+
+def test_random_crop_padding_translates_small_images():
+    m = _manifest(1)
+    tf = build_train_transform(AugmentConfig(random_resized_crop=False, hflip=0.0,
+                                             random_crop_padding=3), m, 28)
+    head, tail = split_batchable(tf)
+    assert head is not None  # the random crop runs per image; flips/normalise stay batched
+    img = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    img[0, 10:18, 10:18] = 255  # a bright square: find where each output put it
+    torch.manual_seed(0)
+    out = transform_batch(head, tail, [img] * 32)
+    assert out.shape == (32, 1, 28, 28)
+    shifts = set()
+    for o in out:
+        ys, xs = torch.nonzero(o[0] > o.min() + 1e-3, as_tuple=True)
+        assert (int(ys.max() - ys.min()), int(xs.max() - xs.min())) == (7, 7)  # moved, whole
+        shifts.add((int(ys.min()) - 10, int(xs.min()) - 10))
+    assert len(shifts) > 5 and all(abs(dy) <= 3 and abs(dx) <= 3 for dy, dx in shifts)

@@ -121,10 +121,14 @@ def test_conv_stem_grid_matches_patch_grid() -> None:
     stem = ConvStem(28, 4, 1, 96)
     assert stem(torch.randn(2, 1, 28, 28)).shape == (2, 49, 96)
     assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in stem.modules()) == 2
-    with pytest.raises(ValueError, match="power-of-two"):
-        ConvStem(28, 7, 1, 96)
-    m = build_model("vit_tiny_conv4_28")
-    assert m.grid_size == (7, 7)
+    odd = ConvStem(28, 7, 1, 96)  # one stride-1 conv, then a 7x7/7 projection
+    assert odd(torch.randn(2, 1, 28, 28)).shape == (2, 16, 96)
+    assert [c.stride for c in odd.modules() if isinstance(c, torch.nn.Conv2d)] == [(1, 1), (7, 7)]
+    assert ConvStem(56, 14, 1, 96)(torch.randn(1, 1, 56, 56)).shape == (1, 16, 96)  # 2 * 7
+    with pytest.raises(ValueError, match="patch_size >= 2"):
+        ConvStem(28, 1, 1, 96)
+    assert build_model("vit_tiny_conv4_28").grid_size == (7, 7)
+    assert build_model("vit_tiny_conv7_28").grid_size == (4, 4)
 
 
 def test_sdpa_matches_explicit_attention_math() -> None:

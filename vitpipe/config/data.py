@@ -56,6 +56,7 @@ class AugmentConfig(StrictModel):
     scale_min: float = Field(0.35, gt=0, le=1)
     ratio_min: float = Field(3 / 4, gt=0)
     ratio_max: float = Field(4 / 3, gt=0)
+    random_crop_padding: int = Field(0, ge=0)  # without RRC: pad, then crop back (translate)
     hflip: float = Field(0.5, ge=0, le=1)
     color_jitter: float = Field(0.0, ge=0)  # colour images only
     auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"

@@ -40,8 +40,9 @@ def _variants() -> dict[str, dict[str, Any]]:
             out[f"vit_{size}_patch{p}_28"] = dict(
                 _FMNIST, patch_size=p, embed_dim=d, depth=depth, num_heads=heads)
     d, depth, heads = _WIDTHS_28["tiny"]
-    out["vit_tiny_conv4_28"] = dict(  # hybrid: stride-2 conv stem instead of patchify
-        _FMNIST, patch_size=4, embed_dim=d, depth=depth, num_heads=heads, stem="conv")
+    for p in (4, 7):  # hybrid: a conv stem instead of patchify
+        out[f"vit_tiny_conv{p}_28"] = dict(
+            _FMNIST, patch_size=p, embed_dim=d, depth=depth, num_heads=heads, stem="conv")
     return {k: {**_DEFAULTS, **v} for k, v in out.items()}
 
 
@@ -56,8 +57,8 @@ def shape_problems(kw: dict[str, Any]) -> list[str]:
         problems.append(f"model.patch_size={p} does not divide model.img_size={kw['img_size']}")
     if d % kw["num_heads"]:
         problems.append(f"model.num_heads={kw['num_heads']} does not divide model.embed_dim={d}")
-    if kw["stem"] == "conv" and (p < 2 or p & (p - 1)):
-        problems.append(f"model.stem=conv needs a power-of-two model.patch_size, got {p}")
+    if kw["stem"] == "conv" and p < 2:
+        problems.append(f"model.stem=conv needs model.patch_size >= 2, got {p}")
     if kw["pos_embed"] == "sincos" and d % 4:
         problems.append(f"model.pos_embed=sincos needs model.embed_dim divisible by 4, got {d}")
     return problems

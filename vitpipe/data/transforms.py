@@ -90,6 +90,8 @@ def build_train_transform(aug: AugmentConfig, manifest: Manifest,
                                         ratio=(aug.ratio_min, aug.ratio_max), antialias=True))
     else:
         ops.append(ResizeCenterCrop(size, size))
+        if aug.random_crop_padding:  # small images: random translation by up to the padding
+            ops.append(v2.RandomCrop(size, padding=aug.random_crop_padding))
     if aug.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(aug.hflip))
     if aug.color_jitter > 0 and manifest.channels == 3:

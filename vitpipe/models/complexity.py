@@ -11,7 +11,6 @@ The T^2 terms are what makes high resolution (or small patches) expensive.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ..config.base import ConfigError, parse_value
@@ -23,10 +22,16 @@ def _grid(kw: dict[str, Any]) -> tuple[int, int, int]:
     return g, g, g * g
 
 
-def _stem_widths(kw: dict[str, Any]) -> list[int]:
-    """Channel widths of the conv stem's stride-2 stages (see ``layers.ConvStem``)."""
-    n = int(math.log2(kw["patch_size"]))
-    return [max(kw["embed_dim"] // 2 ** (n - i), 8) for i in range(n)]
+def _stem_stages(kw: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
+    """The conv stem's 3x3 stages as (width, stride), and its projection's kernel r
+    (see ``layers.ConvStem``: ``patch_size = 2^k * r``)."""
+    n, r = 0, kw["patch_size"]
+    while r % 2 == 0:
+        n, r = n + 1, r // 2
+    d = kw["embed_dim"]
+    if n == 0:
+        return [(max(d // 4, 8), 1)], r
+    return [(max(d // 2 ** (n - i), 8), 2) for i in range(n)], r
 
 
 def count_params(kw: dict[str, Any]) -> int:
@@ -36,10 +41,11 @@ def count_params(kw: dict[str, Any]) -> int:
     m = int(d * kw["mlp_ratio"])
     if kw["stem"] == "conv":
         total, cin = 0, c
-        for cout in _stem_widths(kw):
+        stages, r = _stem_stages(kw)
+        for cout, _ in stages:
             total += cin * cout * 9 + 2 * cout  # conv (no bias) + BatchNorm affine
             cin = cout
-        total += cin * d + d
+        total += cin * r * r * d + d
     else:
         total = c * p * p * d + d
     total += d if kw["global_pool"] == "token" else 0  # class token
@@ -66,11 +72,12 @@ def stem_flops(kw: dict[str, Any]) -> int:
     if kw["stem"] != "conv":
         return 2 * n * d * c * p * p
     total, cin, size = 0, c, kw["img_size"]
-    for cout in _stem_widths(kw):
-        size = (size + 1) // 2  # 3x3, stride 2, padding 1
+    stages, r = _stem_stages(kw)
+    for cout, stride in stages:
+        size = (size - 1) // stride + 1  # 3x3, padding 1
         total += 2 * size * size * cout * cin * 9
         cin = cout
-    return total + 2 * n * d * cin
+    return total + 2 * n * d * cin * r * r
 
 
 def forward_flops(kw: dict[str, Any], tokens: int | None = None, head: bool = True) -> int:
@@ -131,8 +138,8 @@ def activation_bytes(kw: dict[str, Any], batch_size: int = 1, bytes_per_el: int 
     stem = kw["in_chans"] * kw["img_size"] ** 2  # the input images (for the weight gradient)
     if kw["stem"] == "conv":
         size = kw["img_size"]
-        for cout in _stem_widths(kw):
-            size = (size + 1) // 2
+        for cout, stride in _stem_stages(kw)[0]:
+            size = (size - 1) // stride + 1
             stem += 3 * cout * size * size  # BatchNorm input, GELU input, next conv input
     if kw["global_pool"] == "token" and kw["depth"]:
         # last block runs the class token only (see logits_flops): its LN1 input, qkv input,

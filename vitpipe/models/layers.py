@@ -6,8 +6,6 @@ T = prefix + N tokens, D width, h heads, hd = D // h head width.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,10 +35,12 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Hybrid stem (Xiao et al. 2021): log2(p) stride-2 3x3 conv-BN-GELU, then a 1x1 conv to D.
+    """Hybrid stem (Xiao et al. 2021): 3x3 conv-BN-GELU layers, then a projection to D.
 
-    Each stride-2 conv halves the grid, so the output grid equals the patch grid:
-    28x28 with p=4 -> 14x14 -> 7x7. Widths double towards D (D/2^k, ..., D/2).
+    ``patch_size = 2^k * r`` (r odd): k stride-2 convs halve the grid k times, and the
+    projection (r x r, stride r; 1x1 when r = 1) finishes it, so the output grid equals the
+    patch grid: 28x28 with p=4 -> 14x14 -> 7x7; with p=7 -> one stride-1 conv at 28x28, then
+    7x7/7 -> 4x4. Widths double towards D (D/2^k, ..., D/2; D/4 for the stride-1 conv).
     Its receptive field is wider than a patch, so under MAE a visible token also sees a few
     pixels of its masked neighbours.
     """
@@ -48,24 +48,24 @@ class ConvStem(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768) -> None:
         super().__init__()
-        n = int(math.log2(patch_size)) if patch_size > 0 else 0
-        if patch_size < 2 or 2**n != patch_size:
-            raise ValueError(
-                f"stem='conv' needs a power-of-two patch_size >= 2 (got {patch_size}); "
-                "use stem='patch' for other patch sizes"
-            )
+        if patch_size < 2:
+            raise ValueError(f"stem='conv' needs patch_size >= 2 (got {patch_size})")
+        n, r = 0, patch_size
+        while r % 2 == 0:
+            n, r = n + 1, r // 2
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
         layers: list[nn.Module] = []
         cin = in_chans
-        for i in range(n):
-            cout = max(embed_dim // 2 ** (n - i), 8)
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+        widths = [max(embed_dim // 2 ** (n - i), 8) for i in range(n)] or [max(embed_dim // 4, 8)]
+        for i, cout in enumerate(widths):
+            stride = 2 if i < n else 1
+            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
                        nn.BatchNorm2d(cout), nn.GELU()]
             cin = cout
         self.stem = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(cin, embed_dim, kernel_size=1)
+        self.proj = nn.Conv2d(cin, embed_dim, kernel_size=r, stride=r)
 
     @property
     def grid_size(self) -> tuple[int, int]:
