@@ -122,8 +122,15 @@ def test_conv_stem_grid_matches_patch_grid() -> None:
     assert stem(torch.randn(2, 1, 28, 28)).shape == (2, 49, 96)
     assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in stem.modules()) == 2
     odd = ConvStem(28, 7, 1, 96)  # one stride-1 conv, then a 7x7/7 projection
-    assert odd(torch.randn(2, 1, 28, 28)).shape == (2, 16, 96)
-    assert [c.stride for c in odd.modules() if isinstance(c, torch.nn.Conv2d)] == [(1, 1), (7, 7)]
+    x = torch.randn(2, 1, 28, 28)
+    assert odd(x).shape == (2, 16, 96)
+    assert [c.stride for c in odd.modules() if isinstance(c, torch.nn.Conv2d)] == [(1, 1)]
+    conv = torch.nn.Conv2d(16, 96, 7, stride=7)  # the projection is exactly this conv
+    with torch.no_grad():
+        conv.weight.copy_(odd.proj.weight.view(96, 16, 7, 7))
+        conv.bias.copy_(odd.proj.bias)
+    ref = conv(odd.stem(x)).flatten(2).transpose(1, 2)
+    assert torch.allclose(odd(x), ref, atol=1e-5)
     assert ConvStem(56, 14, 1, 96)(torch.randn(1, 1, 56, 56)).shape == (1, 16, 96)  # 2 * 7
     with pytest.raises(ValueError, match="patch_size >= 2"):
         ConvStem(28, 1, 1, 96)
