@@ -59,6 +59,26 @@ def launch_env_overrides(launch: LaunchConfig,
     return launch.model_validate({**launch.model_dump(), **upd}) if upd else launch
 
 
+def cpu_threads(launch: LaunchConfig, env: dict[str, str] | None = None,
+                cuda: bool | None = None) -> int | None:
+    """Torch threads for each training process on a host without GPUs (None: leave
+    accelerate's choice, for GPU hosts): ``launch.cpu_threads``, else ``OMP_NUM_THREADS``,
+    else this host's usable CPUs shared among its processes."""
+    env = os.environ if env is None else env
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda and not launch.cpu:
+        return None
+    if launch.cpu_threads:
+        return launch.cpu_threads
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // launch.num_processes)
+
+
 def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
                     resume: str | None = None) -> list[str]:
     """The exact ``accelerate launch`` command for one machine of a training stage."""
@@ -73,6 +93,9 @@ def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
         argv.append("--multi_gpu")
     elif launch.cpu:
         argv.append("--cpu")
+    threads = cpu_threads(launch)
+    if threads is not None:
+        argv += ["--num_cpu_threads_per_process", str(threads)]
     if launch.num_machines > 1:
         if not launch.main_process_ip:
             raise TrainingError(

@@ -76,6 +76,26 @@ def test_accelerate_command_for_one_and_many_machines(tmp_path: Path) -> None:
         accelerate_argv(LaunchConfig(num_machines=2), cfg)
 
 
+def test_training_processes_get_the_host_cpus_as_threads(tmp_path: Path) -> None:
+    from flows.launch import cpu_threads
+
+    ncpu = len(os.sched_getaffinity(0))
+    assert cpu_threads(LaunchConfig(), env={}, cuda=False) == ncpu
+    assert cpu_threads(LaunchConfig(num_processes=2), env={}, cuda=False) == max(1, ncpu // 2)
+    assert cpu_threads(LaunchConfig(), env={"OMP_NUM_THREADS": "3"}, cuda=False) == 3
+    assert cpu_threads(LaunchConfig(cpu_threads=5), env={"OMP_NUM_THREADS": "3"}, cuda=False) == 5
+    assert cpu_threads(LaunchConfig(), env={}, cuda=True) is None  # GPU host: accelerate's
+    assert cpu_threads(LaunchConfig(cpu=True), env={}, cuda=True) == ncpu
+    # and accelerate gives the child exactly that many torch threads (it sets 1 otherwise)
+    argv = accelerate_argv(LaunchConfig(cpu_threads=2), tmp_path / "c.json")
+    script = tmp_path / "threads.py"
+    script.write_text("import torch; print('threads', torch.get_num_threads())\n")
+    argv = argv[:argv.index("--module")] + [str(script)]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert "threads 2" in out.stdout, out.stderr[-2000:]
+
+
 def test_indexed_job_environment_sets_rank_and_rendezvous() -> None:
     base = LaunchConfig(num_processes=8, num_machines=2, main_process_port=29500)
     env = {"VITPIPE_MULTINODE": "1", "JOB_COMPLETION_INDEX": "1",

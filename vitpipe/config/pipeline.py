@@ -57,6 +57,10 @@ class LaunchConfig(StrictModel):
     main_process_port: int | None = Field(None, gt=0, lt=65536)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False
+    # torch threads per training process where there is no GPU (or cpu=true). None: the
+    # host's CPUs / processes per machine, or OMP_NUM_THREADS when set. accelerate alone
+    # gives a GPU-less process without --cpu 1 thread (half of a 2-core machine).
+    cpu_threads: int | None = Field(None, ge=1)
     max_retries: int = Field(2, ge=0)
     grace_seconds: float = Field(60.0, gt=0)  # SIGTERM -> checkpoint -> exit, before SIGKILL
     # multi-node: a machine that never joins fails the rendezvous after this, not hangs
