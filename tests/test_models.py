@@ -125,9 +125,9 @@ def test_conv_stem_grid_matches_patch_grid() -> None:
     x = torch.randn(2, 1, 28, 28)
     assert odd(x).shape == (2, 16, 96)
     assert [c.stride for c in odd.modules() if isinstance(c, torch.nn.Conv2d)] == [(1, 1)]
-    conv = torch.nn.Conv2d(16, 96, 7, stride=7)  # the projection is exactly this conv
+    conv = torch.nn.Conv2d(24, 96, 7, stride=7)  # the projection is exactly this conv
     with torch.no_grad():
-        conv.weight.copy_(odd.proj.weight.view(96, 16, 7, 7))
+        conv.weight.copy_(odd.proj.weight.view(96, 24, 7, 7))
         conv.bias.copy_(odd.proj.bias)
     ref = conv(odd.stem(x)).flatten(2).transpose(1, 2)
     assert torch.allclose(odd(x), ref, atol=1e-5)

@@ -30,7 +30,7 @@ def _stem_stages(kw: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
         n, r = n + 1, r // 2
     d = kw["embed_dim"]
     if n == 0:
-        return [(max(d // 6, 8), 1)], r
+        return [(max(d // 4, 8), 1)], r
     return [(max(d // 2 ** (n - i), 8), 2) for i in range(n)], r
 
 

@@ -40,8 +40,8 @@ class ConvStem(nn.Module):
     ``patch_size = 2^k * r`` (r odd): k stride-2 convs halve the grid k times, and the
     projection (r x r, stride r; 1x1 when r = 1) finishes it, so the output grid equals the
     patch grid: 28x28 with p=4 -> 14x14 -> 7x7; with p=7 -> one stride-1 conv at 28x28, then
-    7x7/7 -> 4x4. Widths double towards D (D/2^k, ..., D/2); the stride-1 conv has D/6 (at
-    full resolution its BatchNorm and GELU already cost about a third of a 28px model's step).
+    7x7/7 -> 4x4. Widths double towards D (D/2^k, ..., D/2); the stride-1 conv has D/4 (at
+    full resolution its BatchNorm and GELU cost about a fifth of a 28px model's step).
     Its receptive field is wider than a patch, so under MAE a visible token also sees a few
     pixels of its masked neighbours.
     """
@@ -59,7 +59,7 @@ class ConvStem(nn.Module):
         self.in_chans = in_chans
         layers: list[nn.Module] = []
         cin = in_chans
-        widths = [max(embed_dim // 2 ** (n - i), 8) for i in range(n)] or [max(embed_dim // 6, 8)]
+        widths = [max(embed_dim // 2 ** (n - i), 8) for i in range(n)] or [max(embed_dim // 4, 8)]
         for i, cout in enumerate(widths):
             stride = 2 if i < n else 1
             layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
