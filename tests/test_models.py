@@ -187,6 +187,21 @@ def test_drop_path_identity_in_eval_and_drops_in_train() -> None:
     assert torch.equal(m.eval()(x), m(x))  # deterministic in eval
 
 
+def test_tta_hflip_averages_the_mirror_in_eval_only() -> None:
+    plain, tta = tiny(), tiny(tta_hflip=True)
+    tta.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = (plain(x) + plain(x.flip(-1))) / 2
+        got = tta(x)
+        assert not torch.allclose(plain(x), want)  # the mirror changes the logits
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(tta(x.flip(-1)), got)  # mirror-invariant by construction
+        torch.testing.assert_close(tta.train()(x), plain.train()(x))  # training sees one view
+    cfg = ModelConfig(name="vit_tiny_conv7_28", tta_hflip=True)
+    assert build_from_config(cfg).tta_hflip and not build_model("vit_tiny_conv7_28").tta_hflip
+
+
 def test_stochastic_depth_rate_grows_linearly() -> None:
     m = tiny(depth=3, drop_path_rate=0.2)
     rates = [getattr(b.drop_path1, "p", 0.0) for b in m.blocks]

@@ -239,7 +239,8 @@ def test_loading_model_in_process_uses_the_registered_files(local):
 
 def test_registers_what_the_real_trainer_and_evaluator_logged(local, tmp_path):
     """Contract check with the real stages: train (a few steps) -> evaluate -> register; the
-    pyfunc then predicts exactly like the trained weights on real test images."""
+    pyfunc then predicts exactly like the trained weights on real test images, with the
+    model's flip averaging (``tta_hflip``) as the trainer and evaluator configured it."""
     from vitpipe.config import (
         CheckpointConfig,
         DataConfig,
@@ -251,16 +252,17 @@ def test_registers_what_the_real_trainer_and_evaluator_logged(local, tmp_path):
     from vitpipe.train import train
     from vitpipe.weights import load_safetensors
 
+    tta = TINY.model_copy(update={"tta_hflip": True})
     tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                               artifact_location=str(tmp_path / "mlartifacts"))
     data = DataConfig(manifest=str(local["manifest"]), batch_size=32, eval_batch_size=64,
                       num_workers=0)
     trained = train(TrainConfig(
-        model=TINY, data=data, tracking=tracking, output_dir=str(tmp_path / "train"),
+        model=tta, data=data, tracking=tracking, output_dir=str(tmp_path / "train"),
         train=OptimConfig(max_steps=2, epochs=1, warmup_epochs=0), progress=False,
         checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), resume=None)))
     metrics = evaluate(EvaluateConfig(run_id=trained["run_id"], weights=str(trained["weights"]),
-                                      model=TINY, data=data, tracking=tracking,
+                                      model=tta, data=data, tracking=tracking,
                                       output_dir=str(tmp_path / "eval"), num_attention_images=0))
     res = register(RegisterConfig(model_name="e2e", run_id=trained["run_id"], tracking=tracking))
     assert res["promoted"] and res["version"] == "1"
@@ -269,10 +271,12 @@ def test_registers_what_the_real_trainer_and_evaluator_logged(local, tmp_path):
     assert float(mv.tags["vitpipe.metric.test_top1"]) == pytest.approx(metrics["test_top1"])
     assert mv.tags["vitpipe.training_run_id"] == trained["run_id"]
 
-    model = build_from_config(TINY).eval()
+    model, plain = build_from_config(tta).eval(), build_from_config(TINY).eval()
     model.load_state_dict(load_safetensors(trained["weights"])[0])
+    plain.load_state_dict(model.state_dict())
     images, _ = fmnist_test(8)
     probs, idx = direct_topk(model, local["manifest"], images, 3)
+    assert not np.allclose(direct_topk(plain, local["manifest"], images, 3)[0], probs, atol=1e-4)
     out = load_model("models:/e2e@champion", tracking).predict([png_bytes(i) for i in images],
                                                                 params={"top_k": 3})
     assert out["top_k_indices"].tolist() == idx.tolist()

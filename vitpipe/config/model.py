@@ -17,7 +17,7 @@ from .base import StrictModel
 _DEFAULTS: dict[str, Any] = dict(
     mlp_ratio=4.0, qkv_bias=True, pos_embed="learned", stem="patch", global_pool="token",
     drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, layer_scale_init=None,
-    zero_head=False,
+    zero_head=False, tta_hflip=False,
 )
 _IMAGENET = dict(img_size=224, in_chans=3, num_classes=1000)
 _FMNIST = dict(img_size=28, in_chans=1, num_classes=10)  # 28x28 grayscale, 10 classes
@@ -88,6 +88,9 @@ class ModelConfig(StrictModel):
     drop_path_rate: float | None = Field(None, ge=0, lt=1)
     layer_scale_init: float | None = Field(None, gt=0)
     zero_head: bool | None = None  # zero-initialised classifier (common for fine-tuning)
+    # eval mode: logits = mean over the image and its mirror (2x inference cost). Part of the
+    # model, so validation, evaluation, `vitpipe predict` and the served pyfunc all agree
+    tta_hflip: bool | None = None
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:

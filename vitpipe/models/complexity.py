@@ -203,7 +203,8 @@ def model_info_text(name: str, overrides: list[str] | None = None, batch_size: i
         f"tokens       {info['tokens']} ({gh}x{gw} patches + {info['tokens'] - gh * gw} prefix)",
         f"GFLOPs       {info['gflops']:.3f} forward / image = {info['gflops'] / 2:.3f} GMACs "
         f"(logits only: {info['logits_gflops']:.3f}; "
-        f"{info['train_gflops']:.3f} per training step / image)",
+        f"{info['train_gflops']:.3f} per training step / image)"
+        + ("; eval runs 2 views (tta_hflip)" if kw.get("tta_hflip") else ""),
         f"activations  {info['activation_bytes'] / 2**20:.1f} MiB fp32 for a training step "
         f"at batch {batch_size}",
     ])

@@ -43,6 +43,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale_init: float | None = None,
         zero_head: bool = False,
+        tta_hflip: bool = False,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -59,6 +60,7 @@ class VisionTransformer(nn.Module):
         self.depth = depth
         self.num_heads = num_heads
         self.global_pool = global_pool
+        self.tta_hflip = tta_hflip
         self.num_prefix_tokens = 1 if global_pool == "token" else 0
 
         stem_cls = {"patch": PatchEmbed, "conv": ConvStem}[stem]
@@ -143,6 +145,19 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes).
+
+        With ``tta_hflip`` in eval mode the logits are the mean over the images and their
+        mirrors (one pass of 2B images): classes that flipping leaves unchanged, as the
+        horizontal-flip augmentation taught the model, get two views of every test image.
+        """
+        if self.tta_hflip and not self.training:
+            b = x.shape[0]
+            out = self._logits(torch.cat([x, x.flip(-1)]))  # (2B, num_classes)
+            return (out[:b] + out[b:]) / 2
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of one view (B, num_classes).
 
         With class-token pooling only the class token of the last block is ever read, so that
         block runs its attention queries, projection and MLP for that one token (keys and
