@@ -27,6 +27,8 @@ CONFIGS = [
     ("vit_tiny_patch4_28", {}),
     ("vit_tiny_conv4_28", {}),
     ("vit_tiny_conv7_28", {}),
+    ("vit_tiny_conv7_28", {"stem_widths": (16, 32), "depth": 4}),
+    ("vit_tiny_conv4_28", {"stem_widths": (8, 16, 32)}),
     ("vit_small_patch7_28", {"global_pool": "avg", "pos_embed": "factorized",
                              "layer_scale_init": 1e-4, "qkv_bias": False}),
     ("vit_tiny_patch4_28", {"img_size": 56, "pos_embed": "sincos", "mlp_ratio": 3.0}),

@@ -138,6 +138,22 @@ def test_conv_stem_grid_matches_patch_grid() -> None:
     assert build_model("vit_tiny_conv7_28").grid_size == (4, 4)
 
 
+def test_conv_stem_widths_put_stride_1_stages_first() -> None:
+    def convs(m):
+        return [(c.out_channels, c.stride[0]) for c in m.modules()
+                if isinstance(c, torch.nn.Conv2d)]
+
+    deep = build_model("vit_tiny_conv7_28", stem_widths=(16, 32))
+    assert convs(deep.patch_embed) == [(16, 1), (32, 1)]
+    assert deep.patch_embed.proj.in_features == 32 * 7 * 7
+    assert deep(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    four = build_model("vit_tiny_conv4_28", stem_widths=(8, 16, 32))
+    assert convs(four.patch_embed) == [(8, 1), (16, 2), (32, 2)]
+    assert four.patch_embed(torch.randn(1, 1, 28, 28)).shape == (1, 49, 96)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        ConvStem(28, 4, 1, 96, widths=[16])
+
+
 def test_sdpa_matches_explicit_attention_math() -> None:
     torch.manual_seed(0)
     attn = Attention(32, num_heads=4).eval()
@@ -268,6 +284,8 @@ def test_unknown_model_names_close_matches() -> None:
     ({"num_heads": 5}, "num_heads=5 does not divide model.embed_dim=96"),
     ({"depht": 3}, "did you mean 'depth'"),
     ({"pos_embed": "rope"}, "pos_embed"),
+    ({"stem_widths": (16,)}, "stem_widths needs model.stem=conv"),
+    ({"stem": "conv", "stem_widths": (16,)}, r"patch 4 needs at least 2 positive width\(s\)"),
 ])
 def test_bad_overrides_are_config_errors(over: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):

@@ -17,7 +17,7 @@ from .base import StrictModel
 _DEFAULTS: dict[str, Any] = dict(
     mlp_ratio=4.0, qkv_bias=True, pos_embed="learned", stem="patch", global_pool="token",
     drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, layer_scale_init=None,
-    zero_head=False, tta_hflip=False,
+    zero_head=False, tta_hflip=False, stem_widths=None,
 )
 _IMAGENET = dict(img_size=224, in_chans=3, num_classes=1000)
 _FMNIST = dict(img_size=28, in_chans=1, num_classes=10)  # 28x28 grayscale, 10 classes
@@ -59,6 +59,15 @@ def shape_problems(kw: dict[str, Any]) -> list[str]:
         problems.append(f"model.num_heads={kw['num_heads']} does not divide model.embed_dim={d}")
     if kw["stem"] == "conv" and p < 2:
         problems.append(f"model.stem=conv needs model.patch_size >= 2, got {p}")
+    widths = kw.get("stem_widths")
+    if widths is not None:
+        halvings = (p & -p).bit_length() - 1  # k in p = 2^k * r, r odd
+        if kw["stem"] != "conv":
+            problems.append("model.stem_widths needs model.stem=conv")
+        elif len(widths) < halvings or not widths or min(widths) < 1:
+            problems.append(f"model.stem_widths={list(widths)}: patch {p} needs at least "
+                            f"{max(halvings, 1)} positive width(s), the last {halvings} at "
+                            "stride 2")
     if kw["pos_embed"] == "sincos" and d % 4:
         problems.append(f"model.pos_embed=sincos needs model.embed_dim divisible by 4, got {d}")
     return problems
@@ -82,6 +91,9 @@ class ModelConfig(StrictModel):
     qkv_bias: bool | None = None
     pos_embed: Literal["learned", "factorized", "sincos"] | None = None
     stem: Literal["patch", "conv"] | None = None
+    # conv stem: widths of its 3x3 conv-BN-GELU stages; the last k have stride 2 where
+    # patch_size = 2^k * r (default: k stages widening to D/2, or one of D/4 when k = 0)
+    stem_widths: tuple[int, ...] | None = None
     global_pool: Literal["token", "avg"] | None = None
     drop_rate: float | None = Field(None, ge=0, lt=1)
     attn_drop_rate: float | None = Field(None, ge=0, lt=1)

@@ -29,6 +29,9 @@ def _stem_stages(kw: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
     while r % 2 == 0:
         n, r = n + 1, r // 2
     d = kw["embed_dim"]
+    widths = kw.get("stem_widths")
+    if widths is not None:
+        return [(w, 2 if i >= len(widths) - n else 1) for i, w in enumerate(widths)], r
     if n == 0:
         return [(max(d // 4, 8), 1)], r
     return [(max(d // 2 ** (n - i), 8), 2) for i in range(n)], r

@@ -6,6 +6,8 @@ T = prefix + N tokens, D width, h heads, hd = D // h head width.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +49,7 @@ class ConvStem(nn.Module):
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768) -> None:
+                 embed_dim: int = 768, widths: Sequence[int] | None = None) -> None:
         super().__init__()
         if patch_size < 2:
             raise ValueError(f"stem='conv' needs patch_size >= 2 (got {patch_size})")
@@ -59,9 +61,15 @@ class ConvStem(nn.Module):
         self.in_chans = in_chans
         layers: list[nn.Module] = []
         cin = in_chans
-        widths = [max(embed_dim // 2 ** (n - i), 8) for i in range(n)] or [max(embed_dim // 4, 8)]
+        if widths is None:
+            widths = ([max(embed_dim // 2 ** (n - i), 8) for i in range(n)]
+                      or [max(embed_dim // 4, 8)])
+        if len(widths) < max(n, 1):
+            raise ValueError(f"patch {patch_size} needs at least {max(n, 1)} stem widths, "
+                             f"got {list(widths)}")
+        first_strided = len(widths) - n  # stride-1 stages first, then the k halvings
         for i, cout in enumerate(widths):
-            stride = 2 if i < n else 1
+            stride = 2 if i >= first_strided else 1
             layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
                        nn.BatchNorm2d(cout), nn.GELU()]
             cin = cout

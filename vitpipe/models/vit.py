@@ -12,6 +12,7 @@ patches between the two halves; ``forward_features`` is simply both.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -44,6 +45,7 @@ class VisionTransformer(nn.Module):
         layer_scale_init: float | None = None,
         zero_head: bool = False,
         tta_hflip: bool = False,
+        stem_widths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -63,8 +65,12 @@ class VisionTransformer(nn.Module):
         self.tta_hflip = tta_hflip
         self.num_prefix_tokens = 1 if global_pool == "token" else 0
 
-        stem_cls = {"patch": PatchEmbed, "conv": ConvStem}[stem]
-        self.patch_embed = stem_cls(img_size, patch_size, in_chans, embed_dim)
+        if stem == "conv":
+            self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_widths)
+        else:
+            if stem_widths is not None:
+                raise ValueError("stem_widths needs stem='conv'")
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = (nn.Parameter(torch.zeros(1, 1, embed_dim))
                           if self.num_prefix_tokens else None)
         self.pos_embed = PosEmbed(pos_embed, self.patch_embed.grid_size, embed_dim)
