@@ -126,6 +126,10 @@ def test_scale_normalize_equals_todtype_then_normalize(channels):
     cl = x.contiguous(memory_format=torch.channels_last)
     for inp in (x, cl, x[0]):
         assert torch.allclose(fused(inp), ref(inp), atol=1e-5)
+    assert fused(cl).is_contiguous()  # planes, whatever the input's layout
+    dst = torch.zeros(7, channels, 9, 7)
+    fused(cl, out=dst[1:6])  # straight into a slice of a batch
+    assert torch.allclose(dst[1:6], ref(x), atol=1e-5) and not dst[0].any() and not dst[6].any()
     f = x.float() / 255  # float input: not rescaled again, as ToDtype
     assert torch.allclose(fused(f), ref(f), atol=1e-5) and torch.equal(f, x.float() / 255)
 
@@ -148,6 +152,7 @@ def test_chunked_and_shared_batches_equal_the_plain_batch(monkeypatch, shared):
     monkeypatch.setattr(T, "CHUNK_BYTES", 3 * 28 * 28 * 3)  # 3 images per tail call
     chunked = transform_batch(head, tail, imgs, shared=shared)
     assert chunked.shape == (10, 3, 20, 20) and torch.allclose(chunked, whole, atol=1e-6)
+    assert chunked.is_contiguous() and whole.is_contiguous()
     assert chunked.is_shared() == shared
     assert transform_batch(head, tail, imgs[:2], shared=shared).is_shared() == shared
 
