@@ -11,7 +11,7 @@ same transform (vitpipe's eval transform) and 2 worker processes for all:
 * ``imagefolder_tuned``: ImageFolder with the shard loader's decoder and per-batch tail, so it
   differs from ``wds`` only in reading one file per image.
 * ``decode``: the ceiling: the encoded bytes already in memory, the same decoder and split
-  transform, stacked, in 2 workers.
+  transform, stacked (straight into shared memory, as the shard loader does), in 2 workers.
 
 img/s is wall clock (best of ``--reps`` interleaved passes); ``*_img_per_cpu_s`` divides by the
 CPU seconds the loader's processes used, which is steadier on a shared machine.
@@ -100,7 +100,8 @@ class _InMemory(torch.utils.data.IterableDataset):
         for b in range(w, n_batches, nw):
             sl = range(b * self.batch, (b + 1) * self.batch)
             x = transform_batch(self.head, self.tail,
-                                [_decode(self.blobs[i], self.channels) for i in sl])
+                                [_decode(self.blobs[i], self.channels) for i in sl],
+                                shared=info is not None)
             yield x, torch.tensor([self.labels[i] for i in sl])
 
 
@@ -126,7 +127,8 @@ class _BatchTail:
         self.tail = tail
 
     def __call__(self, items):
-        x = transform_batch(None, self.tail, [t for t, _ in items])
+        x = transform_batch(None, self.tail, [t for t, _ in items],
+                            shared=torch.utils.data.get_worker_info() is not None)
         return x, torch.tensor([y for _, y in items])
 
 
