@@ -100,24 +100,25 @@ class _InMemory(torch.utils.data.IterableDataset):
         for b in range(w, n_batches, nw):
             sl = range(b * self.batch, (b + 1) * self.batch)
             x = transform_batch(self.head, self.tail,
-                                [_decode(self.blobs[i], self.channels) for i in sl],
+                                [_decode(self.blobs[i], self.channels, self.head is None)
+                                 for i in sl],
                                 shared=info is not None)
             yield x, torch.tensor([self.labels[i] for i in sl])
 
 
-def _decode(data: bytes, channels: int):
+def _decode(data: bytes, channels: int, plain: bool = False):
     ext = "png" if data[:4] == b"\x89PNG" else "jpg"
-    return images.decode_tensor(data, ext, channels, "bench")
+    return images.decode_tensor(data, ext, channels, "bench", plain=plain)
 
 
 class _TensorFile:
     """ImageFolder loader: the file's bytes through the shard loader's decoder."""
 
-    def __init__(self, channels: int):
-        self.channels = channels
+    def __init__(self, channels: int, plain: bool):
+        self.channels, self.plain = channels, plain
 
     def __call__(self, path: str):
-        return _decode(Path(path).read_bytes(), self.channels)
+        return _decode(Path(path).read_bytes(), self.channels, self.plain)
 
 
 class _BatchTail:
@@ -164,7 +165,8 @@ def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int) -> dict[s
 
     head, tail = split_batchable(tf)
     folder = ImageFolder(str(tree), transform=tf, loader=Image.open)
-    folder_tuned = ImageFolder(str(tree), transform=head, loader=_TensorFile(m.channels))
+    folder_tuned = ImageFolder(str(tree), transform=head,
+                               loader=_TensorFile(m.channels, head is None))
     blobs = [Path(p).read_bytes() for p, _ in folder.samples]
     labels = [y for _, y in folder.samples]
     perm = np.random.default_rng(0).permutation(len(blobs))

@@ -69,9 +69,9 @@ def test_resume_does_not_decode_skipped_samples(tmp_path_factory, monkeypatch):
     calls = Counter()
     real = images.decode_tensor
 
-    def counting(*args):
+    def counting(*args, **kw):
         calls["n"] += 1
-        return real(*args)
+        return real(*args, **kw)
 
     monkeypatch.setattr(images, "decode_tensor", counting)
     loader = make_loader(uri, "train", 20, num_workers=0, epoch=0, start_sample=20 * 20)

@@ -134,3 +134,25 @@ def test_buffer_shuffle_order_is_a_bounded_lag_permutation():
     assert order.tolist() == buffer_shuffle_order(1000, 64, [1, 2]).tolist()
     assert order.tolist() != buffer_shuffle_order(1000, 64, [1, 3]).tolist()
     assert buffer_shuffle_order(10, 1, [0]).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize(("mode", "fmt", "channels"), [("L", "PNG", 1), ("RGB", "JPEG", 3),
+                                                       ("RGB", "BMP", 3)])
+def test_decode_tensor_plain_and_tv_tensor_agree_with_pil(mode, fmt, channels):
+    import torch
+    from torchvision import tv_tensors
+
+    from vitpipe.data import images
+
+    arr = np.random.default_rng(0).integers(0, 256, (9, 7, channels), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(buf, format=fmt)
+    data, ext = buf.getvalue(), fmt.lower().replace("jpeg", "jpg")
+    img = images.decode_tensor(data, ext, channels, "k")
+    plain = images.decode_tensor(data, ext, channels, "k", plain=True)
+    assert isinstance(img, tv_tensors.Image) and type(plain) is torch.Tensor
+    assert plain.dtype == torch.uint8 and plain.shape == (channels, 9, 7)
+    assert torch.equal(plain, img.as_subclass(torch.Tensor))
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert(mode))  # PIL's decode of the bytes
+    ref = ref[None] if channels == 1 else ref.transpose(2, 0, 1)
+    assert np.abs(plain.numpy().astype(int) - ref).max() <= (0 if fmt != "JPEG" else 2)

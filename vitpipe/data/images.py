@@ -51,9 +51,14 @@ def _image_op() -> Callable | None:
 _DECODE_OP: Callable | None = None
 
 
-def decode_tensor(data: bytes, ext: str, channels: int, origin: str) -> torch.Tensor:
+_GRAY, _RGB = 1, 3  # torchvision.io.ImageReadMode.GRAY / .RGB values, as the op takes them
+
+
+def decode_tensor(data: bytes, ext: str, channels: int, origin: str, *,
+                  plain: bool = False) -> torch.Tensor:
     """Decode to a uint8 ``tv_tensors.Image`` (C, H, W) with ``channels`` channels, in
-    channels-last memory for colour images.
+    channels-last memory for colour images; ``plain``: a plain tensor (for batch-only
+    transforms, which need no tv_tensor dispatch: saves ~2 us per image).
 
     torchvision's decoders (libpng/libjpeg-turbo straight into a tensor) are 2-2.5x faster than
     PIL + conversion; other formats, and anything they reject, go through PIL, which also gives
@@ -61,21 +66,18 @@ def decode_tensor(data: bytes, ext: str, channels: int, origin: str) -> torch.Te
     """
     if ext in TENSOR_DECODABLE:
         try:
-            from torchvision.io import ImageReadMode
-
-            mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-            t = _image_op()(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode.value,
-                            False)
+            t = _image_op()(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                            _GRAY if channels == 1 else _RGB, False)
             if t.dtype == torch.uint8 and t.ndim == 3:  # else (16-bit PNG...): PIL below
                 # a (C, H, W) view of (H, W, C) memory: kept so, as batches are stacked
                 # channels-last (transforms.transform_batch), where resizing is 2-3x faster
-                return t.as_subclass(tv_tensors.Image)
+                return t if plain else t.as_subclass(tv_tensors.Image)
         except RuntimeError:
             pass
     img = to_mode(decode(data, origin), "L" if channels == 1 else "RGB", origin)
     t = torch.from_numpy(np.array(img))
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-    return t.as_subclass(tv_tensors.Image)
+    return t if plain else t.as_subclass(tv_tensors.Image)
 
 
 def channels_of(img: Image.Image, origin: str) -> int:

@@ -217,7 +217,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             raise DataError(f"label {label} outside 0..{len(self.manifest.classes) - 1}")
         if self.decode == "tensor":
             return images.decode_tensor(raw.members[ext], ext, self.manifest.channels,
-                                        raw.key), label
+                                        raw.key, plain=self.transform is None), label
         img = images.decode(raw.members[ext], raw.key)
         return images.to_mode(img, self.manifest.mode, raw.key), label
 

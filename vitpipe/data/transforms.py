@@ -292,7 +292,7 @@ def transform_batch(head: Callable | None, tail: Callable | None, images: list[A
     if not all(isinstance(t, torch.Tensor) for t in xs):
         raise DataError("the transform must turn each image into a tensor (end with ToImage/"
                         "ToDtype, or use vitpipe.data.transforms)")
-    xs = [t.as_subclass(torch.Tensor) for t in xs]
+    xs = [t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor) for t in xs]
     if len({tuple(t.shape) for t in xs}) > 1:
         shapes = sorted({tuple(t.shape) for t in xs})
         raise DataError(f"images in one batch differ in shape {shapes[:3]}; pass a transform "
