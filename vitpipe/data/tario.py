@@ -22,6 +22,7 @@ from ..errors import DataError
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+_SMALL = 1 << 16  # members up to this size (with padding) are read in one call
 _REGULAR = (b"0", b"\0", b"7")  # regular file; "7" (contiguous) reads as regular, as in tarfile
 _LINKS = (b"1", b"2")
 
@@ -111,11 +112,21 @@ class _Headers:
                 n -= len(self._read(min(n, 1 << 20)))
 
     def data(self) -> bytes:
-        """The current member's bytes (once)."""
-        out = self._read(self.size)
-        self._skip(self.left - self.size)
+        """The current member's bytes (once). A small member is read with its padding in one
+        call (a seek costs more than copying < 512 bytes); a missing final padding is
+        tolerated, as by tarfile."""
+        size, left = self.size, self.left
         self.left = self.size = 0
-        return out
+        if left > _SMALL:
+            out = self._read(size)
+            self._skip(left - size)
+            return out
+        b = self.f.read(left)
+        self.offset += len(b)
+        if len(b) < size:
+            raise ValueError(f"unexpected end of data at byte {self.offset} (wanted {size} "
+                             f"bytes, got {len(b)})")
+        return b if len(b) == size else b[:size]
 
     def _header(self) -> bytes | None:
         at = self.offset
@@ -144,8 +155,9 @@ class _Headers:
         return hdr
 
     def next(self) -> tuple[str, bytes, int] | None:
-        self._skip(self.left)
-        self.left = self.size = 0
+        if self.left:
+            self._skip(self.left)
+            self.left = self.size = 0
         name: str | None = None
         size: int | None = None
         while True:
