@@ -208,6 +208,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="best of N interleaved passes")
     ap.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--work-dir", help="keep files here (default: a temp dir, removed)")
+    ap.add_argument("--only", choices=["fmnist", "color"], help="one set (JSON: its keys only)")
     args = ap.parse_args()
     if args.quick:
         args.fmnist_count, args.color_count, args.reps = 2000, 2000, 1
@@ -223,16 +224,23 @@ def main() -> None:
             marker.touch()
         print(f"wrote {args.fmnist_count} + {args.color_count} image files in "
               f"{time.perf_counter() - t0:.1f}s under {work}", flush=True)
-        fm = bench_set("fashion_mnist", work / "fmnist", work / "fmnist_shards", 256, args.reps)
-        co = bench_set("color_224_jpeg", work / "color", work / "color_shards", 64, args.reps)
+        fm = co = None
+        if args.only != "color":
+            fm = bench_set("fashion_mnist", work / "fmnist", work / "fmnist_shards", 256,
+                           args.reps)
+        if args.only != "fmnist":
+            co = bench_set("color_224_jpeg", work / "color", work / "color_shards", 64,
+                           args.reps)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    keys = [k for k in fm if k.endswith(("_img_s", "_cpu_s")) or k.startswith("wds_over")]
-    out = {k: fm[k] for k in keys}
-    out.update({f"color_{k}": co[k] for k in keys})
-    out.update(fmnist_images=fm["images"], color_images=co["images"], workers=WORKERS,
-               cpus=os.cpu_count())
+    out: dict[str, float | int | None] = {}
+    for prefix, res in (("", fm), ("color_", co)):
+        if res is not None:
+            out.update({f"{prefix}{k}": v for k, v in res.items()
+                        if k.endswith(("_img_s", "_cpu_s")) or k.startswith("wds_over")})
+            out[f"{prefix or 'fmnist_'}images"] = res["images"]
+    out.update(workers=WORKERS, cpus=os.cpu_count())
     print(json.dumps(out))
 
 

@@ -79,6 +79,26 @@ def test_numbers_octal_and_base256():
     assert _number(bytes([0x80]) + (10**10).to_bytes(11, "big")) == 10**10  # > 8 GiB member
 
 
+@pytest.mark.parametrize("field", [b"%07o\0", b"%08o", b" %06o\0", b"%06o  "])
+def test_checksum_and_size_fields_as_other_writers_format_them(field):
+    """tarfile writes "%06o\\0 "; other writers pad, space- or NUL-terminate differently."""
+    raw = bytearray(_tar(MEMBERS[:3]))
+    want = _walk(bytes(raw))
+    for at in range(0, len(raw), 512):  # every header: a checksum field that tarfile accepts
+        hdr = raw[at:at + 512]
+        if hdr == bytes(512) or at >= _data_end(bytes(raw)):
+            break
+        try:
+            tarfile.TarInfo.frombuf(bytes(hdr), "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            continue  # a data block
+        chk = sum(hdr[:148]) + 256 + sum(hdr[156:])
+        raw[at + 148:at + 156] = (field.decode() % chk).encode()
+    assert _walk(bytes(raw)) == want
+    with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tf:  # still valid for tarfile
+        assert len(tf.getmembers()) == 3
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda r: r[:2000], "unexpected end of data at byte"),  # inside a.png's data
     (lambda r: r[:1100], "unexpected end of data in the header"),

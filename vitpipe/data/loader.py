@@ -60,6 +60,8 @@ def register_s3_gopen() -> None:
 register_s3_gopen()
 
 
+_IMAGE_EXTS = frozenset(images.IMAGE_EXTS)
+
 @dataclass
 class _Failure:
     message: str
@@ -204,15 +206,20 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         self._budget_check(wp, report)
 
     def _decode(self, raw: _Raw) -> tuple[Image.Image, int]:
-        ext = next((e for e in raw.members if e in images.IMAGE_EXTS), None)
+        ext = None
+        for e in raw.members:
+            if e in _IMAGE_EXTS:
+                ext = e
+                break
         if ext is None:
             raise DataError(f"no image member (has {', '.join(raw.members) or 'nothing'})")
-        if "cls" not in raw.members:
+        cls = raw.members.get("cls")
+        if cls is None:
             raise DataError("no .cls label member")
         try:
-            label = int(raw.members["cls"].decode().strip())
+            label = int(cls)  # ASCII digits; int() strips the whitespace
         except ValueError:
-            raise DataError(f"label {raw.members['cls'][:20]!r} is not an integer") from None
+            raise DataError(f"label {cls[:20]!r} is not an integer") from None
         if not 0 <= label < len(self.manifest.classes):
             raise DataError(f"label {label} outside 0..{len(self.manifest.classes) - 1}")
         if self.decode == "tensor":
@@ -240,8 +247,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         shuffle buffer); items consumed before ``skip`` are never fetched.
         """
         n = len(wp.shard)
-        needed = np.zeros(n, bool)
-        needed[wp.emit[wp.skip:]] = True
+        mask = np.zeros(n, bool)
+        mask[wp.emit[wp.skip:]] = True
+        # Python lists: indexing numpy arrays per sample costs ~0.1 us per access
+        needed, shards, members = mask.tolist(), wp.shard.tolist(), wp.member.tolist()
         held: dict[int, _Raw | _Missing | None] = {}
         next_read = 0
         for e in wp.emit[wp.skip:].tolist():
@@ -249,8 +258,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                 pos = next_read
                 next_read += 1
                 if needed[pos]:
-                    s = int(wp.shard[pos])
-                    held[pos] = None if s == PAD else reader.fetch(s, int(wp.member[pos]))
+                    s = shards[pos]
+                    held[pos] = None if s == PAD else reader.fetch(s, members[pos])
             item = held.pop(e)
             if item is None:
                 yield None

@@ -58,6 +58,16 @@ def _number(field: bytes) -> int:
     return int(digits, 8) if digits else 0
 
 
+def _octal(field: bytes) -> int:
+    """``_number`` with a fast path for tarfile's own layout: digits, then one NUL."""
+    if field[-1] == 0 and field[0] < 0x80:
+        try:
+            return int(field[:-1], 8)
+        except ValueError:
+            pass
+    return _number(field)
+
+
 def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -139,8 +149,9 @@ class _Headers:
                              f"unexpected end of data in the header at byte {at}")
         if hdr == _ZERO_BLOCK:
             return None
-        try:
-            stored = _number(hdr[148:156])
+        try:  # fast path: "%06o\0 ", as tarfile (and so WebDataset) writes it
+            stored = (int(hdr[148:154], 8) if hdr[154:156] == b"\0 " and hdr[148] < 0x80
+                      else _number(hdr[148:156]))
         except ValueError:
             stored = -1
         # the checksum is the header's byte sum with its own field read as spaces. adler32's
@@ -166,7 +177,7 @@ class _Headers:
                 return None
             kind = hdr[156:157]
             try:
-                n = _number(hdr[124:136])
+                n = _octal(hdr[124:136])
             except ValueError:
                 raise ValueError(f"bad size field in the header at byte {self.offset - BLOCK}"
                                  ) from None
@@ -236,14 +247,14 @@ class TarCursor:
                 self.done, self.pending_key = True, None
                 return
             name, kind, _ = got
-            if name.startswith("/") or ".." in name.split("/"):
+            if name.startswith("/") or (".." in name and ".." in name.split("/")):
                 raise UnsafeShardError(self.url, f"member {name!r} has an absolute or '..' path; "
                                        "this is not a vitpipe/WebDataset shard")
             if kind in _LINKS:
                 raise UnsafeShardError(self.url, f"member {name!r} is a link; refusing the shard")
-            if kind not in _REGULAR or name.rpartition("/")[2].startswith("__"):
-                continue
             slash = name.rfind("/") + 1  # WebDataset's base_plus_ext, without the regex
+            if kind not in _REGULAR or name.startswith("__", slash):
+                continue
             dot = name.find(".", slash)
             if dot <= slash:
                 continue
