@@ -78,7 +78,7 @@ class WorkerReport:
     reasons: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Raw:
     key: str
     members: dict[str, bytes]
@@ -152,8 +152,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                  physical_workers: int, decode: str = "tensor"):
         super().__init__()
         self.decode = decode
+        self.num_classes = len(manifest.classes)
         self.manifest, self.plan, self.s3 = manifest, plan, s3
         self.transform, self.batch_tail = split_batchable(transform or _default_transform())
+        self.plain = self.transform is None  # batch-only transforms: no tv_tensor dispatch
         self.max_bad_fraction = max_bad_fraction
         self.with_keys = with_keys
         self.physical_workers = physical_workers
@@ -220,11 +222,11 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             label = int(cls)  # ASCII digits; int() strips the whitespace
         except ValueError:
             raise DataError(f"label {cls[:20]!r} is not an integer") from None
-        if not 0 <= label < len(self.manifest.classes):
+        if not 0 <= label < self.num_classes:
             raise DataError(f"label {label} outside 0..{len(self.manifest.classes) - 1}")
         if self.decode == "tensor":
             return images.decode_tensor(raw.members[ext], ext, self.manifest.channels,
-                                        raw.key, plain=self.transform is None), label
+                                        raw.key, plain=self.plain), label
         img = images.decode(raw.members[ext], raw.key)
         return images.to_mode(img, self.manifest.mode, raw.key), label
 
@@ -263,7 +265,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             item = held.pop(e)
             if item is None:
                 yield None
-            elif isinstance(item, _Missing):
+            elif type(item) is _Missing:
                 self._bad(wp, report, item.shard, item.key, item.reason)
                 yield _BAD
             else:

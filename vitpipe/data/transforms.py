@@ -276,15 +276,9 @@ def _is_channels_last(x: torch.Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def transform_batch(head: Callable | None, tail: Callable | None, images: list[Any], *,
-                    shared: bool = False) -> torch.Tensor:
-    """``images`` through a :func:`split_batchable` pair into one (B, C, H, W) batch: the head
-    per image, then the tail on stacked chunks of about ``CHUNK_BYTES`` (all at once for small
-    images; a few at a time for large ones, whose float copies would otherwise stream through
-    memory once per op), or per image where sizes differ. A final :class:`ScaleNormalize`
-    writes each chunk straight into the batch (no float intermediate to copy). ``shared``:
-    build the batch in shared memory (inside DataLoader workers)."""
-    xs = [head(img) for img in images] if head is not None else list(images)
+def _uniform(xs: list[Any], tail: Callable | None) -> tuple[list[torch.Tensor], Any]:
+    """Plain same-shape tensors from head outputs: ragged or PIL images go through the tail one
+    by one (which resizes/converts them; the tail is then done). Else a DataError."""
     if tail is not None and not all(isinstance(t, torch.Tensor) and t.shape == xs[0].shape
                                     for t in xs):
         xs = [tail(t) for t in xs]  # ragged or PIL: the tail resizes/converts each image
@@ -297,6 +291,20 @@ def transform_batch(head: Callable | None, tail: Callable | None, images: list[A
         shapes = sorted({tuple(t.shape) for t in xs})
         raise DataError(f"images in one batch differ in shape {shapes[:3]}; pass a transform "
                         "that resizes (vitpipe.data.transforms)")
+    return xs, tail
+
+
+def transform_batch(head: Callable | None, tail: Callable | None, images: list[Any], *,
+                    shared: bool = False) -> torch.Tensor:
+    """``images`` through a :func:`split_batchable` pair into one (B, C, H, W) batch: the head
+    per image, then the tail on stacked chunks of about ``CHUNK_BYTES`` (all at once for small
+    images; a few at a time for large ones, whose float copies would otherwise stream through
+    memory once per op), or per image where sizes differ. A final :class:`ScaleNormalize`
+    writes each chunk straight into the batch (no float intermediate to copy). ``shared``:
+    build the batch in shared memory (inside DataLoader workers)."""
+    xs = [head(img) for img in images] if head is not None else list(images)
+    if not (all(type(t) is torch.Tensor for t in xs) and len({t.shape for t in xs}) == 1):
+        xs, tail = _uniform(xs, tail)  # the common case (same-size plain tensors) skips this
     ops = list(tail.transforms) if isinstance(tail, v2.Compose) else [tail] if tail else []
     norm = ops.pop() if ops and isinstance(ops[-1], ScaleNormalize) else None
     pre = v2.Compose(ops) if ops else None
