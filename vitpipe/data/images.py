@@ -28,7 +28,7 @@ def decode(data: bytes, origin: str) -> Image.Image:
     return img
 
 
-TENSOR_DECODABLE = ("png", "jpg", "jpeg", "webp")
+TENSOR_DECODABLE = frozenset(("png", "jpg", "jpeg", "webp"))
 
 
 def _image_op() -> Callable | None:
@@ -68,7 +68,7 @@ def decode_tensor(data: bytes, ext: str, channels: int, origin: str, *,
         try:
             t = _image_op()(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                             _GRAY if channels == 1 else _RGB, False)
-            if t.dtype == torch.uint8 and t.ndim == 3:  # else (16-bit PNG...): PIL below
+            if t.dtype is torch.uint8 and t.ndim == 3:  # else (16-bit PNG...): PIL below
                 # a (C, H, W) view of (H, W, C) memory: kept so, as batches are stacked
                 # channels-last (transforms.transform_batch), where resizing is 2-3x faster
                 return t if plain else t.as_subclass(tv_tensors.Image)

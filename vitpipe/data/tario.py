@@ -141,13 +141,13 @@ class _Headers:
     def _header(self) -> bytes | None:
         at = self.offset
         hdr = self.f.read(BLOCK)
-        self.offset += len(hdr)
-        if not hdr and not self.first:
-            return None  # tolerated, like tarfile: an archive without its end-of-archive blocks
-        if len(hdr) != BLOCK:
-            raise ValueError("empty file" if not hdr else
-                             f"unexpected end of data in the header at byte {at}")
-        if hdr == _ZERO_BLOCK:
+        self.offset = at + len(hdr)
+        if len(hdr) != BLOCK or hdr == _ZERO_BLOCK:
+            if not hdr and not self.first:
+                return None  # tolerated, like tarfile: an archive without end-of-archive blocks
+            if len(hdr) != BLOCK:
+                raise ValueError("empty file" if not hdr else
+                                 f"unexpected end of data in the header at byte {at}")
             return None
         try:  # fast path: "%06o\0 ", as tarfile (and so WebDataset) writes it
             stored = (int(hdr[148:154], 8) if hdr[154:156] == b"\0 " and hdr[148] < 0x80
@@ -162,7 +162,8 @@ class _Headers:
         if stored < 0 or (stored - actual) % 65521:
             raise ValueError(f"bad header checksum at byte {at}" if not self.first else
                              "not a tar header at byte 0 (bad checksum)")
-        self.first = False
+        if self.first:
+            self.first = False
         return hdr
 
     def next(self) -> tuple[str, bytes, int] | None:
@@ -193,8 +194,8 @@ class _Headers:
                     name = _text(body)
                 continue
             if name is None:
-                name = _text(hdr[0:100])
-                if hdr[257:263] == b"ustar\0" and hdr[345] != 0:
+                name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if hdr[345] != 0 and hdr[257:263] == b"ustar\0":
                     name = _text(hdr[345:500]) + "/" + name
             if size is None:
                 size = n
