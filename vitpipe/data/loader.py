@@ -62,6 +62,7 @@ register_s3_gopen()
 
 _IMAGE_EXTS = frozenset(images.IMAGE_EXTS)
 
+
 @dataclass
 class _Failure:
     message: str
@@ -223,7 +224,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         except ValueError:
             raise DataError(f"label {cls[:20]!r} is not an integer") from None
         if not 0 <= label < self.num_classes:
-            raise DataError(f"label {label} outside 0..{len(self.manifest.classes) - 1}")
+            raise DataError(f"label {label} outside 0..{self.num_classes - 1}")
         if self.decode == "tensor":
             return images.decode_tensor(raw.members[ext], ext, self.manifest.channels,
                                         raw.key, plain=self.plain), label

@@ -44,6 +44,8 @@ class ConvStem(nn.Module):
     patch grid: 28x28 with p=4 -> 14x14 -> 7x7; with p=7 -> one stride-1 conv at 28x28, then
     7x7/7 -> 4x4. Widths double towards D (D/2^k, ..., D/2); the stride-1 conv has D/4 (at
     full resolution its BatchNorm and GELU cost about a fifth of a 28px model's step).
+    ``widths`` replaces those stage widths: any stride-1 stages first, then the k stride-2
+    ones (``model.stem_widths``; e.g. (16, 32) at p=7: two stride-1 convs at 28x28).
     Its receptive field is wider than a patch, so under MAE a visible token also sees a few
     pixels of its masked neighbours.
     """
