@@ -49,6 +49,13 @@ def _variants() -> dict[str, dict[str, Any]]:
 MODEL_VARIANTS: dict[str, dict[str, Any]] = _variants()
 
 
+def patch_factors(patch_size: int) -> tuple[int, int]:
+    """``(k, r)`` with ``patch_size = 2^k * r``, r odd: a conv stem's stride-2 stages and the
+    kernel of its projection (``layers.ConvStem``)."""
+    k = (patch_size & -patch_size).bit_length() - 1
+    return k, patch_size >> k
+
+
 def shape_problems(kw: dict[str, Any]) -> list[str]:
     """What is inconsistent in a complete set of model arguments (empty when fine)."""
     problems = []
@@ -61,7 +68,7 @@ def shape_problems(kw: dict[str, Any]) -> list[str]:
         problems.append(f"model.stem=conv needs model.patch_size >= 2, got {p}")
     widths = kw.get("stem_widths")
     if widths is not None:
-        halvings = (p & -p).bit_length() - 1  # k in p = 2^k * r, r odd
+        halvings = patch_factors(p)[0]
         if kw["stem"] != "conv":
             problems.append("model.stem_widths needs model.stem=conv")
         elif len(widths) < halvings or not widths or min(widths) < 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config.base import ConfigError, parse_value
+from ..config.model import patch_factors
 from .registry import resolve
 
 
@@ -25,9 +26,7 @@ def _grid(kw: dict[str, Any]) -> tuple[int, int, int]:
 def _stem_stages(kw: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
     """The conv stem's 3x3 stages as (width, stride), and its projection's kernel r
     (see ``layers.ConvStem``: ``patch_size = 2^k * r``)."""
-    n, r = 0, kw["patch_size"]
-    while r % 2 == 0:
-        n, r = n + 1, r // 2
+    n, r = patch_factors(kw["patch_size"])
     d = kw["embed_dim"]
     widths = kw.get("stem_widths")
     if widths is not None:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.model import patch_factors
+
 
 def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
@@ -55,9 +57,7 @@ class ConvStem(nn.Module):
         super().__init__()
         if patch_size < 2:
             raise ValueError(f"stem='conv' needs patch_size >= 2 (got {patch_size})")
-        n, r = 0, patch_size
-        while r % 2 == 0:
-            n, r = n + 1, r // 2
+        n, r = patch_factors(patch_size)
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
