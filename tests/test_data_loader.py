@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,26 @@ def test_resume_near_the_end_of_an_epoch(tmp_path_factory, left):
     tail = _run(uri, "train", 16, workers=2, epoch=4, seed=5, start_sample=(steps - left) * 16)
     assert len(tail[0]) == left and tail[3] == full[3][-left:]
     assert len(_run(uri, "train", 16, workers=2, epoch=4, start_sample=steps * 16)[1]) == 0
+
+
+def test_read_runs_stay_in_one_shard_in_member_order_and_bounded():
+    from vitpipe.data.loader import _READ_RUN, _read_runs
+    from vitpipe.data.plan import PAD
+
+    rng = np.random.default_rng(0)
+    shard = np.repeat([3, 1, PAD, 1, 0], [150, 40, 3, 10, 70])
+    member = np.concatenate([np.arange(150), np.arange(40), [0, 0, 0], np.arange(50, 60),
+                             rng.permutation(70)])
+    needed = rng.random(len(shard)) > 0.05
+    needed[:150] = True
+    end = _read_runs(shard, member, needed)
+    pos = 0
+    while pos < len(shard):
+        e = int(end[pos])
+        assert pos < e <= pos + _READ_RUN
+        run = slice(pos, e)
+        if e - pos > 1:
+            assert len(set(shard[run].tolist())) == 1 and PAD not in shard[run]
+            assert (np.diff(member[run]) == 1).all() and needed[run].all()
+        pos = e
+    assert end[[0, _READ_RUN, 2 * _READ_RUN]].tolist() == [_READ_RUN, 2 * _READ_RUN, 150]

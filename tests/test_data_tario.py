@@ -234,3 +234,17 @@ def test_cursor_groups_samples_and_refuses_unsafe_members(tmp_path):
         c.read(1)
     with pytest.raises(ShardError, match="sample 'k1' has two 'png' members"):
         _read_all(tmp_path, _tar([("k1.png", b"a"), ("k1.PNG", b"b")]))
+
+
+def test_read_many_gives_runs_then_the_good_prefix_of_a_broken_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(tario, "_CHUNK", 4096)  # several runs
+    raw = _ordinary(40)  # samples k000..k039: 1024 bytes each (cls and png, one block each)
+    ref = _reference(raw)
+    c = _cursor(tmp_path, raw)
+    assert c.read_many(0, 5) == ref[:5] and c.read_many(10, 25) == ref[10:35]
+    assert c.read_many(38, 10) == ref[38:] and c.read_many(40, 3) == []
+    cut = raw[:30 * 2048 + 1024 + 512 + 50]  # inside k030's png
+    c = _cursor(tmp_path, cut, "cut.tar")
+    assert c.read_many(0, 64) == ref[:30]
+    with pytest.raises(ShardError, match="truncated inside sample 'k030'"):
+        c.read_many(30, 1)

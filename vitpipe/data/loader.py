@@ -5,9 +5,9 @@ Guarantees (see :mod:`vitpipe.data.plan` for how):
 * ``train=True``: every rank yields exactly ``len(loader)`` full batches, derived from the
   manifest; the order is a pure function of (seed, epoch, rank, world_size, num_workers,
   batch_size, shuffle_buffer), and ``start_sample=k`` yields exactly the rest of that order,
-  skipping the first ``k`` samples' tar members unread and unde-coded. Augmentation randomness
-  is seeded per batch, so a resumed batch is augmented as it would have been. Resume with the
-  same world_size, num_workers and batch_size.
+  skipping the first ``k`` samples' tar members without copying or decoding them. Augmentation
+  randomness is seeded per batch, so a resumed batch is augmented as it would have been. Resume
+  with the same world_size, num_workers and batch_size.
 * ``train=False``: every sample exactly once across ranks; ranks are padded with label ``-1`` to
   the same batch count and sizes (drop ``labels < 0``).
 * A corrupt image is skipped and counted (logged with shard and key): in training it is replaced
@@ -79,13 +79,6 @@ class WorkerReport:
     reasons: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Raw:
-    key: str
-    members: dict[str, bytes]
-    shard: int
-
-
 @dataclass
 class _Missing:
     shard: int
@@ -104,10 +97,11 @@ class _ShardReader:
         self.cur_shard = -1
         self.failed: dict[int, str] = {}
 
-    def fetch(self, shard: int, member: int) -> _Raw | _Missing:
-        if shard in self.failed:
-            return _Missing(shard, f"#{member}", self.failed[shard])
-        if shard != self.cur_shard:
+    def fetch(self, shard: int, member: int, count: int = 1
+              ) -> list[tuple[str, dict[str, bytes]] | _Missing]:
+        """Samples ``member .. member + count - 1`` of ``shard``, each as (key, {ext: bytes})
+        or why it is missing."""
+        if shard != self.cur_shard and shard not in self.failed:
             self.close()
             self.cur_shard = shard
             try:
@@ -116,22 +110,26 @@ class _ShardReader:
                 raise
             except ShardError as err:
                 self.failed[shard] = err.reason
-                return _Missing(shard, f"#{member}", err.reason)
-        assert self.cur is not None
+        if shard in self.failed:
+            return [_Missing(shard, f"#{m}", self.failed[shard])
+                    for m in range(member, member + count)]
+        cur = self.cur
+        assert cur is not None
         try:
-            got = self.cur.read(member)
+            got: list = cur.read_many(member, count)
         except UnsafeShardError:
             raise
         except ShardError as err:
-            self.failed[shard] = err.reason
+            got, self.failed[shard] = [], err.reason
             self.close()
-            return _Missing(shard, f"#{member}", err.reason)
-        if got is None:
-            reason = (f"ended after {self.cur.index + 1} samples; the manifest says "
-                      f"{self.info[shard].count} (truncated?)")
-            self.failed[shard] = reason
-            return _Missing(shard, f"#{member}", reason)
-        return _Raw(got[0], got[1], shard)
+        if len(got) < count:
+            if shard not in self.failed:
+                self.failed[shard] = (cur.error.reason if cur.error is not None else
+                                      f"ended after {cur.index + 1} samples; the manifest says "
+                                      f"{self.info[shard].count} (truncated?)")
+            got += [_Missing(shard, f"#{m}", self.failed[shard])
+                    for m in range(member + len(got), member + count)]
+        return got
 
     def close(self) -> None:
         if self.cur is not None:
@@ -154,6 +152,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.decode = decode
         self.num_classes = len(manifest.classes)
+        self.channels = manifest.channels
+        self.image_ext = ""  # the image member's extension, once seen
         self.manifest, self.plan, self.s3 = manifest, plan, s3
         self.transform, self.batch_tail = split_batchable(transform or _default_transform())
         self.plain = self.transform is None  # batch-only transforms: no tv_tensor dispatch
@@ -208,15 +208,16 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             log.warning("skipping sample %s in shard %s: %s%s", key, name, reason, more)
         self._budget_check(wp, report)
 
-    def _decode(self, raw: _Raw) -> tuple[Image.Image, int]:
-        ext = None
-        for e in raw.members:
-            if e in _IMAGE_EXTS:
-                ext = e
-                break
-        if ext is None:
-            raise DataError(f"no image member (has {', '.join(raw.members) or 'nothing'})")
-        cls = raw.members.get("cls")
+    def _decode(self, key: str, members: dict[str, bytes]) -> tuple[Any, int]:
+        data = members.get(self.image_ext)  # a shard's samples all have the same members
+        if data is None:
+            for e in members:
+                if e in _IMAGE_EXTS:
+                    self.image_ext, data = e, members[e]
+                    break
+            else:
+                raise DataError(f"no image member (has {', '.join(members) or 'nothing'})")
+        cls = members.get("cls")
         if cls is None:
             raise DataError("no .cls label member")
         try:
@@ -226,10 +227,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         if not 0 <= label < self.num_classes:
             raise DataError(f"label {label} outside 0..{self.num_classes - 1}")
         if self.decode == "tensor":
-            return images.decode_tensor(raw.members[ext], ext, self.manifest.channels,
-                                        raw.key, plain=self.plain), label
-        img = images.decode(raw.members[ext], raw.key)
-        return images.to_mode(img, self.manifest.mode, raw.key), label
+            return images.decode_tensor(data, self.image_ext, self.channels, key,
+                                        plain=self.plain), label
+        img = images.decode(data, key)
+        return images.to_mode(img, self.manifest.mode, key), label
 
     def _pad_image(self) -> Any:
         h, w = self.manifest.image_size or (32, 32)
@@ -242,96 +243,130 @@ class _EpochDataset(torch.utils.data.IterableDataset):
 
     # -- per worker ---------------------------------------------------------------------------
 
-    def _samples(self, wp: WorkerPlan, reader: _ShardReader, report: WorkerReport
-                 ) -> Iterator[tuple[Any, int, str] | None | object]:
-        """Decoded (image, label, key) in emit order; None = padding, _BAD = a bad sample.
-
-        Streams in read order, holding only items read but not yet emitted (at most the
-        shuffle buffer); items consumed before ``skip`` are never fetched.
-        """
-        n = len(wp.shard)
-        mask = np.zeros(n, bool)
-        mask[wp.emit[wp.skip:]] = True
-        # Python lists: indexing numpy arrays per sample costs ~0.1 us per access
-        needed, shards, members = mask.tolist(), wp.shard.tolist(), wp.member.tolist()
-        held: dict[int, _Raw | _Missing | None] = {}
-        next_read = 0
-        for e in wp.emit[wp.skip:].tolist():
-            while e not in held:
-                pos = next_read
-                next_read += 1
-                if needed[pos]:
-                    s = shards[pos]
-                    held[pos] = None if s == PAD else reader.fetch(s, members[pos])
-            item = held.pop(e)
-            if item is None:
-                yield None
-            elif type(item) is _Missing:
-                self._bad(wp, report, item.shard, item.key, item.reason)
-                yield _BAD
-            else:
-                try:
-                    img, label = self._decode(item)
-                except DataError as err:
-                    self._bad(wp, report, item.shard, item.key, str(err))
-                    yield _BAD
-                    continue
-                yield img, label, item.key
-
     def _batches(self, wp: WorkerPlan, reader: _ShardReader, report: WorkerReport
                  ) -> Iterator[Any]:
-        plan = self.plan
-        samples = self._samples(wp, reader, report)
-        last_good: tuple[Image.Image, int, str] | None = None
-        owed = 0  # train: bad samples not yet replaced by a good one
+        """The worker's batches: samples fetched in read order and emitted in the plan's order,
+        holding only those read but not yet emitted (at most the shuffle buffer); samples
+        consumed before ``skip`` are never fetched. A bad sample is replaced by the last good
+        one (train) or by a label -1 pad (eval). One loop, no per-sample generators: on small
+        images this glue costs as much as reading the tar."""
+        plan, decode, train = self.plan, self._decode, self.plan.train
+        mask = np.zeros(len(wp.shard), bool)
+        mask[wp.emit[wp.skip:]] = True
+        # Python lists: indexing numpy arrays per sample costs ~0.1 us per access
+        needed, shards, member_of = mask.tolist(), wp.shard.tolist(), wp.member.tolist()
+        run_end = _read_runs(wp.shard, wp.member, mask).tolist()
+        emit = wp.emit[wp.skip:].tolist()
+        held: dict[int, tuple[str, dict[str, bytes]] | _Missing | None] = {}
+        next_read = next_emit = 0
+        last_good: tuple[Any, int, str] | None = None  # train: replaces a bad sample
+        owed = 0  # train: bad samples seen before any good one, not yet replaced
         pad_img = None
         for batch_id, size in zip(wp.batch_ids, wp.batch_sizes, strict=True):
-            items: list[tuple[Image.Image, int, str]] = []
-            while len(items) < size:
-                if owed and last_good is not None:  # repay bad samples seen before a good one
-                    items.append(last_good)
+            imgs: list[Any] = []
+            labels: list[int] = []
+            keys: list[str] = []
+            pads = 0
+            while len(imgs) < size:
+                if owed and (imgs or last_good is not None):
+                    img, label, key = (imgs[-1], labels[-1], keys[-1]) if imgs else last_good
+                    imgs.append(img)
+                    labels.append(label)
+                    keys.append(key)
                     owed -= 1
                     continue
-                s = next(samples, _END)
-                if s is _END:
-                    if last_good is None:
+                if next_emit == len(emit):
+                    if last_good is None and not imgs:
                         raise _Stop(f"every sample worker {wp.worker} of rank {plan.rank} was "
                                     f"planned to read in split '{plan.split}' is bad: "
                                     f"{self._worst(report)}; nothing to train on")
                     raise _Stop(f"worker {wp.worker} ran out of samples in split "
                                 f"'{plan.split}' (plan error)")
-                if s is None or s is _BAD:
-                    if plan.train:
-                        if last_good is not None:
-                            items.append(last_good)
-                        else:
-                            owed += 1
+                e = emit[next_emit]
+                next_emit += 1
+                while e not in held:  # read on: a run of samples of one shard at a time
+                    pos = next_read
+                    if not needed[pos]:
+                        next_read += 1
+                    elif shards[pos] == PAD:
+                        held[pos] = None
+                        next_read += 1
+                    else:
+                        next_read = run_end[pos]
+                        held.update(zip(range(pos, next_read),
+                                        reader.fetch(shards[pos], member_of[pos], next_read - pos),
+                                        strict=True))
+                item = held.pop(e)
+                if type(item) is tuple:
+                    key, members = item
+                    try:
+                        img, label = decode(key, members)
+                    except DataError as err:
+                        self._bad(wp, report, shards[e], key, str(err))
+                    else:
+                        imgs.append(img)
+                        labels.append(label)
+                        keys.append(key)
                         continue
-                    if pad_img is None:
-                        pad_img = self._pad_image()
-                    items.append((pad_img, -1, ""))
-                    if s is None:
-                        report.padded += 1
+                elif item is not None:
+                    self._bad(wp, report, item.shard, item.key, item.reason)
+                elif not train:
+                    report.padded += 1
+                # a bad sample, or padding
+                if train:
+                    if imgs or last_good is not None:
+                        img, label, key = (imgs[-1], labels[-1], keys[-1]) if imgs else last_good
+                        imgs.append(img)
+                        labels.append(label)
+                        keys.append(key)
+                    else:
+                        owed += 1
                     continue
-                last_good = s
-                items.append(s)
-            yield self._collate(items, batch_id)
-            report.samples += sum(1 for _, label, _ in items if label >= 0)
+                if pad_img is None:
+                    pad_img = self._pad_image()
+                imgs.append(pad_img)
+                labels.append(-1)
+                keys.append("")
+                pads += 1
+            if train:
+                last_good = imgs[-1], labels[-1], keys[-1]
+            yield self._collate(imgs, labels, keys, batch_id)
+            report.samples += len(labels) - pads
 
-    def _collate(self, items: list[tuple[Image.Image, int, str]], batch_id: int) -> Any:
+    def _collate(self, imgs: list[Any], labels: list[int], keys: list[str], batch_id: int
+                 ) -> Any:
         plan = self.plan
         gen_seed = hash((plan.seed, plan.epoch, plan.rank, batch_id, 0xA06)) & (2**63 - 1)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(gen_seed)  # CPU only: no CUDA lazy-init cost
             try:
-                x = transform_batch(self.transform, self.batch_tail, [img for img, _, _ in items],
+                x = transform_batch(self.transform, self.batch_tail, imgs,
                                     shared=torch.utils.data.get_worker_info() is not None)
             except DataError as err:
                 raise _Stop(str(err)) from None
-        y = torch.tensor([label for _, label, _ in items], dtype=torch.long)
+        y = torch.tensor(labels, dtype=torch.long)
         if self.with_keys:
-            return x, y, [k for _, _, k in items]
+            return x, y, keys
         return x, y
+
+
+_READ_RUN = 64  # samples fetched per call at most (held beyond the shuffle buffer)
+
+
+def _read_runs(shard: np.ndarray, member: np.ndarray, needed: np.ndarray) -> np.ndarray:
+    """For each read position, the end of its run: needed samples of one shard with
+    consecutive member indices, at most ``_READ_RUN`` long (padding and unneeded positions: a
+    run of one)."""
+    n = len(shard)
+    cut = np.ones(n, bool)
+    cut[1:] = ((shard[1:] != shard[:-1]) | (member[1:] != member[:-1] + 1) | ~needed[1:]
+               | ~needed[:-1] | (shard[1:] == PAD))
+    starts = np.flatnonzero(cut)
+    ends = np.append(starts[1:], n)
+    pos = np.arange(n)
+    start_of = np.repeat(starts, ends - starts)
+    return np.minimum(np.repeat(ends, ends - starts),
+                      start_of + ((pos - start_of) // _READ_RUN + 1) * _READ_RUN)
 
 
 class _Stop(Exception):
@@ -340,8 +375,6 @@ class _Stop(Exception):
         self.message = message
 
 
-_END = object()
-_BAD = object()
 _sha_cache: dict[tuple[str, str], bool] = {}
 _sha_lock = threading.Lock()
 

@@ -17,7 +17,7 @@ of the manifest's per-shard counts and (seed, epoch, rank, world_size, num_worke
   algorithm of ``webdataset.shuffle``), but simulated on indices with a generator seeded by
   (seed, epoch, rank, worker): the whole emit order is known before any data is read. So the
   order from sample ``k`` on is known without replaying the first ``k``, and resuming reads only
-  what is left (earlier tar members are skipped unread), still streaming with bounded memory
+  what is left (earlier tar members are skipped, not decoded), still streaming with bounded memory
   (an item is emitted at most ``shuffle_buffer`` reads after it was read).
 """
 

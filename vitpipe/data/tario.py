@@ -240,6 +240,9 @@ class TarCursor:
         self.target = 0  # samples before this one are skipped: their data is not copied
         self.done = False
         self.first = True  # no header checked yet
+        self._ready: list[tuple[str, dict[str, bytes]]] = []  # samples _first, _first + 1, ...
+        self._first = 0
+        self.error: ShardError | None = None  # met after the samples read_many returned
         self._samples = self._walk()
         try:
             next(self._samples)  # the first header: not a tar fails now, naming the shard
@@ -252,13 +255,37 @@ class TarCursor:
     def read(self, target: int) -> tuple[str, dict[str, bytes]] | None:
         """Sample ``target`` (> the last one read) as (key, {ext: bytes}); None if the shard
         ends first. Samples in between are skipped (their data is not copied)."""
-        if self.done:
-            return None
-        self.target = target
-        for index, key, members in self._samples:
-            return (key, members) if index == target else None
-        self.done = True
-        return None
+        got = self.read_many(target, 1)
+        return got[0] if got else None
+
+    def read_many(self, first: int, count: int) -> list[tuple[str, dict[str, bytes]]]:
+        """Samples ``first .. first + count - 1`` (``first`` > the last one read), fewer if the
+        shard ends first or breaks after some of them (the next call raises its
+        :class:`ShardError`). One call for many samples: the loader reads runs of them."""
+        out: list[tuple[str, dict[str, bytes]]] = []
+        end = first + count
+        while first < end:
+            i = first - self._first
+            if 0 <= i < len(self._ready):
+                take = self._ready[i:i + end - first]
+                out += take
+                first += len(take)
+                continue
+            if i < 0 or self.done:
+                if self.error is not None and not out:
+                    raise self.error
+                break
+            self.target = first
+            try:
+                self._first, self._ready = next(self._samples)  # type: ignore[misc]
+            except StopIteration:
+                self.done = True
+            except ShardError as err:
+                self.done = True
+                if not out:
+                    raise
+                self.error = err
+        return out
 
     def _broken(self, what: str) -> ShardError:
         if self.first:
@@ -344,13 +371,16 @@ class TarCursor:
                 name = _text(hdr[345:500]) + "/" + name
         return buf, base, pos, name, kind, start, n
 
-    def _walk(self) -> Iterator[tuple[int, str, dict[str, bytes]] | None]:
-        """Yield None once the first header checked out, then ``(index, key, members)`` for each
-        sample at or after ``self.target``; raise :class:`ShardError` on damage."""
+    def _walk(self) -> Iterator[tuple[int, list[tuple[str, dict[str, bytes]]]] | None]:
+        """Yield None once the first header checked out, then ``(index, samples)``: the
+        ``(key, members)`` of samples ``index, index + 1, ...`` (from ``self.target`` on), a run
+        at a time; raise :class:`ShardError` on damage."""
         url = self.url
         buf, pos, base = b"", 0, 0  # buf holds the stream's bytes [base, base + len(buf))
         arr = np.frombuffer(buf, np.uint8)
         index, key, members = -1, None, None  # members: the sample being read; None: skipped
+        ready: list[tuple[str, dict[str, bytes]]] = []  # complete samples first, first + 1...
+        first = 0
         primed = False
         ext_names: dict[int, str] = {}
         while True:
@@ -387,17 +417,25 @@ class TarCursor:
                 yield None
             for start, n, k, ext in zip(starts, sizes, keys, exts, strict=True):
                 if k is not None and k != key:  # a new sample
-                    if members is not None:
-                        yield index, key, members
+                    if members is not None and index >= self.target:  # (else: begun before
+                        # the reader moved past it)
+                        if not ready:
+                            first = index
+                        ready.append((key, members))  # type: ignore[arg-type]
                     index += 1
-                    self.index, key = index, k
+                    key = k
                     members = {} if index >= self.target else None
                 if members is not None:
                     if ext in members:
                         raise ShardError(url, f"sample {key!r} has two '{ext}' members")
                     members[ext] = buf[start:start + n]
-        if members is not None:
-            yield index, key, members
+            if ready:
+                self.index = index - 1
+                yield first, ready
+                ready = []
+        self.index = index
+        if members is not None and index >= self.target:
+            yield index, [(key, members)]  # type: ignore[list-item]
 
     def close(self) -> None:
         try:
