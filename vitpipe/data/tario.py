@@ -36,6 +36,7 @@ _COLUMN = np.arange(100)
 _EXT_COLUMN = np.arange(8)
 _EXT_WEIGHT = 128 ** np.arange(8)
 _FIELDS = np.r_[124:135, 148:154]  # size and checksum digits
+_USTAR = np.frombuffer(b"ustar", np.uint8)
 
 
 class ShardError(DataError):
@@ -114,10 +115,10 @@ class _Run:
         self.end, self.starts, self.sizes, self.keys, self.exts = end, starts, sizes, keys, exts
 
 
-def _simple_run(buf: bytes, arr: np.ndarray, pos: int, ext_names: dict[int, str]
+def _simple_run(arr: np.ndarray, pos: int, filled: int, ext_names: dict[int, str]
                 ) -> _Run | None:
-    """The run of ordinary members from ``pos`` that lie wholly in ``buf``, parsed and checked
-    in numpy: None if the member at ``pos`` is not one.
+    """The run of ordinary members from ``pos`` that lie wholly in ``arr[:filled]`` (the read
+    buffer), parsed and checked in numpy: None if the member at ``pos`` is not one.
 
     Ordinary is what ``tarfile`` (and so ``webdataset.TarWriter``) writes for a regular file with
     an ASCII name under 100 bytes: octal size and "%06o\\0 " checksum fields, no ustar prefix,
@@ -130,24 +131,26 @@ def _simple_run(buf: bytes, arr: np.ndarray, pos: int, ext_names: dict[int, str]
     a member's sample key where a new key may start (else None); ``ext_names`` caches extension
     strings by their packed bytes.
     """
-    nb = (len(buf) - pos) // BLOCK
+    nb = (filled - pos) // BLOCK
     if nb == 0:
         return None
     blocks = arr[pos:pos + nb * BLOCK].reshape(nb, BLOCK)
-    # every block read as a header: where the next header would be. A block whose size field
-    # is not octal digits gets a nonsense jump; the checks below stop the run before it.
-    size = (blocks[:, 124:135] - 0x30).astype(np.int64) @ _OCTAL11
-    jumps = (np.arange(1, nb + 1) + ((size + BLOCK - 1) >> 9)).tolist()
-    hs: list[int] = []
-    i = 0
-    while i < nb:
-        hs.append(i)
-        i = jumps[i]
-    if i > nb:
-        hs.pop()  # its data runs past the buffer (or its size is nonsense)
-    if not hs:
+    # the headers: ustar ("ustar\\0", GNU "ustar ") magic, then checked as a chain, each where
+    # the one before says (a data block that looks like a header breaks the chain: the run
+    # ends before it, and the next one starts after)
+    at = np.flatnonzero((blocks[:, 257:262] == _USTAR).all(1))
+    if len(at) == 0 or at[0] != 0:
         return None
-    at = np.array(hs)
+    size = (blocks[at, 124:135] - 0x30).astype(np.int64) @ _OCTAL11  # nonsense if not octal:
+    # the checks below end the run before such a header
+    nxt = at + 1 + ((size + BLOCK - 1) >> 9)
+    chained = nxt[:-1] == at[1:]
+    count = len(at) if chained.all() else int(chained.argmin()) + 1
+    if nxt[count - 1] > nb:
+        count -= 1  # its data runs past the buffer (or its size is nonsense)
+    if count == 0:
+        return None
+    at, size, nxt = at[:count], size[:count], nxt[:count]
     h = blocks.take(at, axis=0)  # (N, 512) headers
     length = (h[:, :100] == 0).argmax(1)  # name length (see h[:, 99] == 0 below)
     width = int(length.max()) + 1
@@ -161,11 +164,11 @@ def _simple_run(buf: bytes, arr: np.ndarray, pos: int, ext_names: dict[int, str]
     # the checksum: the header's byte sum with its own field read as spaces
     ok &= ((fields[:, 11:].astype(np.int64) @ _OCTAL6) == h.sum(1, dtype=np.uint32)
            - h[:, 148:156].sum(1, dtype=np.uint32) + 256)
-    good = len(hs) if ok.all() else int(ok.argmin())
+    good = count if ok.all() else int(ok.argmin())
     if good == 0:
         return None
-    end = pos + BLOCK * jumps[hs[good - 1]]
-    at, name, length, size = at[:good], name[:good], length[:good], size[at[:good]]
+    end = pos + BLOCK * int(nxt[good - 1])
+    at, name, length, size = at[:good], name[:good], length[:good], size[:good]
     column = _COLUMN[:width]
     name = np.where(column < length[:, None], name, 0)  # whatever follows the NUL: not the name
     # WebDataset's base_plus_ext: key = the name up to the first dot of its last component;
@@ -198,8 +201,9 @@ def _simple_run(buf: bytes, arr: np.ndarray, pos: int, ext_names: dict[int, str]
     offset = pos + BLOCK * at
     first = np.flatnonzero(new)
     keys: list[str | None] = [None] * len(at)
-    for i, o, d in zip(first.tolist(), offset[first].tolist(), dot[first].tolist(), strict=True):
-        keys[i] = buf[o:o + d].decode("ascii")
+    for i, k in zip(first.tolist(), np.ascontiguousarray(key_part[first]).view(f"S{width}")
+                    .ravel().tolist(), strict=True):  # fixed-width bytes: NUL padding dropped
+        keys[i] = k.decode("ascii")
     codes, which = np.unique(packed, return_inverse=True)
     names = []
     for c, i in zip(codes.tolist(), np.unique(which, return_index=True)[1].tolist(),
@@ -207,7 +211,7 @@ def _simple_run(buf: bytes, arr: np.ndarray, pos: int, ext_names: dict[int, str]
         e = ext_names.get(c) if c >= 0 else None
         if e is None:  # a new extension (or one over 8 bytes): from the name itself
             o, d, n = int(offset[i]), int(dot[i]), int(length[i])
-            e = buf[o + d + 1:o + n].decode("ascii").lower()
+            e = arr[o + d + 1:o + n].tobytes().decode("ascii").lower()
             if c >= 0:
                 ext_names[c] = e
         names.append(e)
@@ -243,6 +247,9 @@ class TarCursor:
         self._ready: list[tuple[str, dict[str, bytes]]] = []  # samples _first, _first + 1, ...
         self._first = 0
         self.error: ShardError | None = None  # met after the samples read_many returned
+        self._store = bytearray(_CHUNK)  # the stream's bytes [_base, _base + _filled)
+        self._filled = 0
+        self._base = 0
         self._samples = self._walk()
         try:
             next(self._samples)  # the first header: not a tar fails now, naming the shard
@@ -292,51 +299,70 @@ class TarCursor:
             return ShardError(self.url, f"not a readable tar archive ({what})")
         return ShardError(self.url, f"corrupt or truncated tar ({what})")
 
-    def _more(self, buf: bytes, pos: int, base: int, need: int) -> tuple[bytes, int]:
-        """``buf[pos:]`` extended to at least ``need`` bytes (fewer only at the end of the
-        stream), and the stream offset of its first byte."""
+    def _fill(self, pos: int, need: int) -> None:
+        """Make ``need`` bytes from ``pos`` available (fewer only at the end of the stream): the
+        unread rest moves to the front of the buffer, which is then filled from the stream
+        (grown first for a member larger than it). One reused buffer: a fresh 1 MiB per read
+        costs 5x as much in page faults and copies. Afterwards the old ``pos`` is 0."""
+        store, filled = self._store, self._filled
+        rest = filled - pos
+        if need > len(store):
+            grown = bytearray(max(need, 2 * len(store)))
+            grown[:rest] = store[pos:filled]
+            self._store = store = grown
+        elif pos:
+            store[:rest] = store[pos:filled]
+        self._base += pos
+        view = memoryview(store)
         try:
-            more = self.file.read(max(_CHUNK, need - (len(buf) - pos)))
+            while rest < need:
+                got = self.file.readinto(view[rest:])
+                if not got:
+                    break
+                rest += got
         except DataError as err:
             raise ShardError(self.url, str(err)) from None
         except OSError as err:
             raise self._broken(str(err)) from None
-        return buf[pos:] + more, base + pos
+        finally:
+            view.release()
+        self._filled = rest
 
-    def _member(self, buf: bytes, pos: int, base: int
-                ) -> tuple[bytes, int, int, str | None, bytes, int, int]:
+    def _member(self, pos: int) -> tuple[int, str | None, bytes, int, int]:
         """The general parser, for one member at ``pos`` (after its pax / GNU long-name
-        headers, if any): ``(buf, base, pos, name, typeflag, data start, data size)`` with the
-        member's data in ``buf`` as far as the stream has it and ``pos`` past it; name None at
-        the end of the archive. Damage raises :class:`ShardError`."""
+        headers, if any): ``(pos, name, typeflag, data start, data size)`` with the member's
+        data in the buffer as far as the stream has it and ``pos`` past it; name None at the
+        end of the archive. Damage raises :class:`ShardError`."""
         name: str | None = None  # from a pax or GNU long-name header
         size: int | None = None
         while True:
-            if len(buf) - pos < BLOCK:
-                buf, base = self._more(buf, pos, base, BLOCK)
+            if self._filled - pos < BLOCK:
+                self._fill(pos, BLOCK)
                 pos = 0
-                if len(buf) < BLOCK:
-                    if not buf and not self.first:
-                        return buf, base, 0, None, b"", 0, 0  # no end-of-archive blocks:
-                        # tolerated, like tarfile
-                    raise self._broken("empty file" if not buf else
-                                       f"unexpected end of data in the header at byte {base}")
-            hdr = buf[pos:pos + BLOCK]
+                if self._filled < BLOCK:
+                    if not self._filled and not self.first:
+                        return 0, None, b"", 0, 0  # no end-of-archive blocks: tolerated, like
+                        # tarfile
+                    raise self._broken("empty file" if not self._filled else
+                                       f"unexpected end of data in the header at byte "
+                                       f"{self._base}")
+            hdr = bytes(self._store[pos:pos + BLOCK])
             if hdr == _ZERO_BLOCK:  # end of archive (at once: an empty one)
-                return buf, base, pos, None, b"", 0, 0
+                return pos, None, b"", 0, 0
             try:
                 stored = _number(hdr[148:156])
             except ValueError:
                 stored = -1
             if stored != sum(hdr) - sum(hdr[148:156]) + 256:
-                raise self._broken(f"bad header checksum at byte {base + pos}" if not self.first
-                                   else "not a tar header at byte 0 (bad checksum)")
+                raise self._broken(f"bad header checksum at byte {self._base + pos}"
+                                   if not self.first else
+                                   "not a tar header at byte 0 (bad checksum)")
             self.first = False
             kind = hdr[156:157]
             try:
                 n = _number(hdr[124:136])
             except ValueError:
-                raise self._broken(f"bad size field in the header at byte {base + pos}"
+                raise self._broken(f"bad size field in the header at byte {self._base + pos}"
                                    ) from None
             if kind in _EXTENDED:
                 pass
@@ -345,16 +371,17 @@ class TarCursor:
             elif kind not in _REGULAR:
                 n = 0  # links, directories, devices carry no data
             padded = (n + BLOCK - 1) & -BLOCK
-            if len(buf) - pos < BLOCK + padded:
-                buf, base = self._more(buf, pos, base, BLOCK + padded)
+            if self._filled - pos < BLOCK + padded:
+                self._fill(pos, BLOCK + padded)
                 pos = 0
             start = pos + BLOCK
-            pos = min(start + padded, len(buf))  # a missing final padding is tolerated
+            pos = min(start + padded, self._filled)  # a missing final padding is tolerated
             if kind not in _EXTENDED:
                 break
-            if len(buf) < start + n:
-                raise self._broken(f"unexpected end of data at byte {base + len(buf)}")
-            body = buf[start:start + n]
+            if self._filled < start + n:
+                raise self._broken(f"unexpected end of data at byte "
+                                   f"{self._base + self._filled}")
+            body = bytes(self._store[start:start + n])
             try:
                 if kind == b"x":
                     rec = _pax_records(body)
@@ -363,39 +390,44 @@ class TarCursor:
                 elif kind == b"L":
                     name = _text(body)
             except (ValueError, KeyError) as err:
-                raise self._broken(f"bad extended header at byte {base + start - BLOCK}: "
+                raise self._broken(f"bad extended header at byte {self._base + start - BLOCK}: "
                                    f"{err}") from None
         if name is None:
             name = _text(hdr[:100])
             if hdr[345] != 0 and hdr[257:263] == b"ustar\0":
                 name = _text(hdr[345:500]) + "/" + name
-        return buf, base, pos, name, kind, start, n
+        return pos, name, kind, start, n
 
     def _walk(self) -> Iterator[tuple[int, list[tuple[str, dict[str, bytes]]]] | None]:
         """Yield None once the first header checked out, then ``(index, samples)``: the
         ``(key, members)`` of samples ``index, index + 1, ...`` (from ``self.target`` on), a run
         at a time; raise :class:`ShardError` on damage."""
         url = self.url
-        buf, pos, base = b"", 0, 0  # buf holds the stream's bytes [base, base + len(buf))
-        arr = np.frombuffer(buf, np.uint8)
+        pos = 0
+        store, filled = self._store, 0
+        arr = np.frombuffer(store, np.uint8)
         index, key, members = -1, None, None  # members: the sample being read; None: skipped
         ready: list[tuple[str, dict[str, bytes]]] = []  # complete samples first, first + 1...
         first = 0
         primed = False
         ext_names: dict[int, str] = {}
         while True:
-            if len(buf) - pos < BLOCK:
-                buf, base = self._more(buf, pos, base, BLOCK)
-                pos, arr = 0, np.frombuffer(buf, np.uint8)
-            run = _simple_run(buf, arr, pos, ext_names)
+            if filled - pos < BLOCK:
+                self._fill(pos, BLOCK)
+                pos, filled = 0, self._filled
+                if self._store is not store:
+                    store = self._store
+                    arr = np.frombuffer(store, np.uint8)
+            run = _simple_run(arr, pos, filled, ext_names)
             if run is not None:
                 pos, starts, sizes, keys, exts = run.end, run.starts, run.sizes, run.keys, run.exts
                 self.first = False
             else:
-                buf0 = buf
-                buf, base, pos, name, kind, start, n = self._member(buf, pos, base)
-                if buf is not buf0:
-                    arr = np.frombuffer(buf, np.uint8)
+                pos, name, kind, start, n = self._member(pos)
+                filled = self._filled
+                if self._store is not store:
+                    store = self._store
+                    arr = np.frombuffer(store, np.uint8)
                 if name is None:
                     break
                 _check_path(url, name)
@@ -405,10 +437,10 @@ class TarCursor:
                 slash = name.rfind("/") + 1  # WebDataset's base_plus_ext, without the regex
                 dot = name.find(".", slash)
                 if kind in _REGULAR and dot > slash and not name.startswith("__", slash):
-                    if start + n > len(buf):
+                    if start + n > filled:
                         raise ShardError(url, f"truncated inside sample {name[:dot]!r} "
-                                         f"(unexpected end of data at byte {base + len(buf)}: "
-                                         f"wanted {n} bytes)")
+                                         f"(unexpected end of data at byte "
+                                         f"{self._base + filled}: wanted {n} bytes)")
                     starts, sizes, keys, exts = [start], [n], [name[:dot]], [name[dot + 1:].lower()]
                 else:
                     starts = sizes = keys = exts = []
@@ -428,7 +460,7 @@ class TarCursor:
                 if members is not None:
                     if ext in members:
                         raise ShardError(url, f"sample {key!r} has two '{ext}' members")
-                    members[ext] = buf[start:start + n]
+                    members[ext] = store[start:start + n]
             if ready:
                 self.index = index - 1
                 yield first, ready
