@@ -45,13 +45,14 @@ def test_train_two_ranks_two_workers_equal_full_batches(tmp_path_factory, per_sh
     assert not seen[0] & seen[1]
 
 
-def test_order_is_reproducible_and_resume_yields_the_exact_tail(tmp_path_factory):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_order_is_reproducible_and_resume_yields_the_exact_tail(tmp_path_factory, workers):
     uri = small_fmnist(tmp_path_factory)
     m = read_manifest(uri)
     aug = AugmentConfig(scale_min=0.3, hflip=0.5, auto_augment="trivialaugment",
                         random_erasing=0.5)
     tf = build_train_transform(aug, m, 28)
-    common = dict(world=1, workers=2, epoch=2, seed=3, transform=tf, shuffle_buffer=64)
+    common = dict(world=1, workers=workers, epoch=2, seed=3, transform=tf, shuffle_buffer=64)
     full, xs, ys, keys = _run(uri, "train", 16, **common)
     again = _run(uri, "train", 16, **common)
     assert keys == again[3] and all(torch.equal(a, b) for a, b in zip(xs, again[1], strict=True))
@@ -63,6 +64,20 @@ def test_order_is_reproducible_and_resume_yields_the_exact_tail(tmp_path_factory
     other = _run(uri, "train", 16, **{**common, "epoch": 3})[3]
     assert other != keys
     assert [k for b in keys for k in b] != sorted(k for b in keys for k in b)  # shuffled
+
+
+def test_inline_loading_leaves_the_callers_rng_alone(tmp_path_factory):
+    """Augmentation reseeds per batch: inline (no workers) that must not touch the training
+    process's RNG (dropout, drop-path draw from it)."""
+    uri = small_fmnist(tmp_path_factory)
+    tf = build_train_transform(AugmentConfig(hflip=0.5, random_erasing=0.5),
+                               read_manifest(uri), 28)
+    it = iter(make_loader(uri, "train", 16, num_workers=0, transform=tf))
+    next(it)  # (the DataLoader draws its base seed from the global RNG here)
+    state = torch.get_rng_state()
+    for _ in range(3):
+        next(it)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_resume_does_not_decode_skipped_samples(tmp_path_factory, monkeypatch):

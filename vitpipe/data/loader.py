@@ -19,6 +19,7 @@ Guarantees (see :mod:`vitpipe.data.plan` for how):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -337,11 +338,12 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                  ) -> Any:
         plan = self.plan
         gen_seed = hash((plan.seed, plan.epoch, plan.rank, batch_id, 0xA06)) & (2**63 - 1)
-        with torch.random.fork_rng(devices=[]):
+        worker = torch.utils.data.get_worker_info() is not None
+        # a worker process's global RNG is its own; inline, the caller's is kept as it was
+        with contextlib.nullcontext() if worker else torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(gen_seed)  # CPU only: no CUDA lazy-init cost
             try:
-                x = transform_batch(self.transform, self.batch_tail, imgs,
-                                    shared=torch.utils.data.get_worker_info() is not None)
+                x = transform_batch(self.transform, self.batch_tail, imgs, shared=worker)
             except DataError as err:
                 raise _Stop(str(err)) from None
         y = torch.tensor(labels, dtype=torch.long)
