@@ -54,7 +54,7 @@ _DECODE_OP: Callable | None = None
 _GRAY, _RGB = 1, 3  # torchvision.io.ImageReadMode.GRAY / .RGB values, as the op takes them
 
 
-def decode_tensor(data: bytes, ext: str, channels: int, origin: str, *,
+def decode_tensor(data: bytes | bytearray, ext: str, channels: int, origin: str, *,
                   plain: bool = False) -> torch.Tensor:
     """Decode to a uint8 ``tv_tensors.Image`` (C, H, W) with ``channels`` channels, in
     channels-last memory for colour images; ``plain``: a plain tensor (for batch-only
@@ -66,7 +66,10 @@ def decode_tensor(data: bytes, ext: str, channels: int, origin: str, *,
     """
     if ext in TENSOR_DECODABLE:
         try:
-            t = _image_op()(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            # torch.frombuffer needs a writable buffer: a bytearray (as the shard reader hands
+            # out) is used as it is, bytes are copied
+            buf = data if type(data) is bytearray else bytearray(data)
+            t = _image_op()(torch.frombuffer(buf, dtype=torch.uint8),
                             _GRAY if channels == 1 else _RGB, False)
             if t.dtype is torch.uint8 and t.ndim == 3:  # else (16-bit PNG...): PIL below
                 # a (C, H, W) view of (H, W, C) memory: kept so, as batches are stacked
