@@ -70,16 +70,6 @@ def _number(field: bytes) -> int:
     return int(digits, 8) if digits else 0
 
 
-def _octal(field: bytes) -> int:
-    """``_number`` with a fast path for tarfile's own layout: digits, then one NUL."""
-    if field[-1] == 0 and field[0] < 0x80:
-        try:
-            return int(field[:-1], 8)
-        except ValueError:
-            pass
-    return _number(field)
-
-
 def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -124,8 +114,8 @@ def _simple_run(arr: np.ndarray, pos: int, filled: int, ext_names: dict[int, str
     an ASCII name under 100 bytes: octal size and "%06o\\0 " checksum fields, no ustar prefix,
     no absolute or ``..`` path. The run stops before any other header (pax, long name, link,
     directory, end of archive, damage), which the caller reads with the general parser; so it
-    accepts exactly what that would. Per member it is one list lookup in Python plus a share of
-    array work, where a Python parser costs ~3 us, as much as decoding a 28x28 PNG.
+    accepts exactly what that would. Per member that costs ~0.8 us of array work and list
+    building, where a Python parser costs ~3 us, as much as decoding a 28x28 PNG.
 
     Members without an extension or named ``__*`` are dropped (WebDataset's rule); ``keys`` has
     a member's sample key where a new key may start (else None); ``ext_names`` caches extension
