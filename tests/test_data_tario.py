@@ -248,3 +248,21 @@ def test_read_many_gives_runs_then_the_good_prefix_of_a_broken_shard(tmp_path, m
     assert c.read_many(0, 64) == ref[:30]
     with pytest.raises(ShardError, match="truncated inside sample 'k030'"):
         c.read_many(30, 1)
+
+
+def test_members_whose_data_looks_like_tar_headers(tmp_path, monkeypatch):
+    """A member that is itself a tar (its headers sit on 512-byte boundaries of the shard, as
+    real ones do), a data block that copies a real header, and an old-style (v7) header
+    without the ustar magic: the chain of headers decides, as tarfile's walk does."""
+    monkeypatch.setattr(tario, "_CHUNK", 8192)
+    inner = _tar([("x.png", b"i" * 700), ("y.cls", b"1")])
+    outer = _tar([("k0.cls", b"0"), ("k0.tar", inner), ("k1.cls", b"1"), ("k1.png", b"p" * 900),
+                  ("k2.bin", inner[:512] * 3), ("k2.cls", b"2"), ("k3.tar", inner * 5),
+                  ("k3.cls", b"3")], tarfile.USTAR_FORMAT)
+    assert _read_all(tmp_path, outer) == _reference(outer)
+    v7 = bytearray(outer)
+    with tarfile.open(fileobj=io.BytesIO(outer)) as tf:
+        at = next(ti.offset for ti in tf.getmembers() if ti.name == "k1.png")
+    v7[at + 257:at + 265] = bytes(8)  # no magic, no version: a v7 header
+    v7[at + 148:at + 156] = b"%06o\0 " % (sum(v7[at:at + 148]) + 256 + sum(v7[at + 156:at + 512]))
+    assert _read_all(tmp_path, bytes(v7)) == _reference(outer)
