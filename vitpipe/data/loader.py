@@ -111,20 +111,20 @@ class _ShardReader:
                 raise
             except ShardError as err:
                 self.failed[shard] = err.reason
-        if shard in self.failed:
-            return [_Missing(shard, f"#{m}", self.failed[shard])
-                    for m in range(member, member + count)]
+        got: list = []
         cur = self.cur
-        assert cur is not None
-        try:
-            got: list = cur.read_many(member, count)
-        except UnsafeShardError:
-            raise
-        except ShardError as err:
-            got, self.failed[shard] = [], err.reason
-            self.close()
+        if shard not in self.failed:
+            assert cur is not None
+            try:
+                got = cur.read_many(member, count)
+            except UnsafeShardError:
+                raise
+            except ShardError as err:
+                self.failed[shard] = err.reason
+                self.close()
         if len(got) < count:
             if shard not in self.failed:
+                assert cur is not None
                 self.failed[shard] = (cur.error.reason if cur.error is not None else
                                       f"ended after {cur.index + 1} samples; the manifest says "
                                       f"{self.info[shard].count} (truncated?)")
