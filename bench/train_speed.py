@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from timing import time_steps
 
-from vitpipe.config import TrainConfig, load_stage
+from vitpipe.config import ModelConfig, TrainConfig, load_stage
 from vitpipe.models import build_from_config, build_mae
 from vitpipe.models.complexity import forward_flops, mae_forward_flops
 from vitpipe.models.registry import resolve
@@ -90,12 +90,19 @@ def race(steps: dict[str, Callable[[], None]], repeats: int, n: int, warmup: int
     return {k: min(v) for k, v in times.items()}
 
 
-def configs(model_overrides: list[str], batch: int) -> tuple[TrainConfig, TrainConfig]:
-    """(supervised, mae) configs from the CPU preset, with optional model overrides."""
+def configs(model: dict | None, batch: int) -> tuple[TrainConfig, TrainConfig]:
+    """(supervised, mae) configs from the CPU preset: its own model, or ``model`` (a whole
+    model section, e.g. ``{"name": "vit_small_patch16_224"}``) in its place. Replaced, not
+    merged: the preset's variant-specific fields (``stem_widths``, ``depth``) would not fit
+    another variant."""
     preset = REPO / "configs" / "fmnist_cpu.yaml"
-    over = [*model_overrides, f"data.batch_size={batch}"]
+    over = [f"data.batch_size={batch}"]
     sup = load_stage("train", str(preset), over + ["mode=supervised"], section="finetune")
     mae = load_stage("train", str(preset), over, section="pretrain")
+    if model is not None:
+        m = ModelConfig(**model)
+        sup, mae = (TrainConfig.model_validate({**c.model_dump(), "model": m.model_dump()})
+                    for c in (sup, mae))
     return sup, mae
 
 
@@ -171,12 +178,12 @@ def main() -> None:
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    vits_over = ["model.name=vit_small_patch16_224", "model.num_classes=1000"]
+    vits = {"name": "vit_small_patch16_224", "num_classes": 1000}
     if args.quick:
         args.repeats, args.steps, args.warmup = min(args.repeats, 3), min(args.steps, 2), 1
         args.vits_batch = min(args.vits_batch, 4)
         args.batch = args.batch or 32
-        vits_over.append("model.depth=4")
+        vits["depth"] = 4
     global CLOCK
     if args.clock == "cpu" and not torch.cuda.is_available():
         CLOCK = time.process_time
@@ -186,14 +193,14 @@ def main() -> None:
     result: dict = {}
 
     acc = new_accelerator("no")
-    sup, mae = configs([], args.batch or 128)
+    sup, mae = configs(None, args.batch or 128)
     fm = bench_model(f"cpu {sup.model.name}", acc, sup, mae, sup.data.batch_size, cpu, None, args)
     result.update({k: fm[k] for k in ("sup_img_s", "mae_img_s", "mae_over_sup_step",
                                       "engine_over_bare", "engine_over_bare_mae")})
     result.update(fmnist_model=sup.model.name, fmnist_batch=sup.data.batch_size, clock=args.clock,
                   threads=torch.get_num_threads())
     if not args.no_vits:
-        sup_s, mae_s = configs(vits_over, args.vits_batch)
+        sup_s, mae_s = configs(vits, args.vits_batch)
         vs = bench_model("cpu vit_small_patch16_224" + (" (depth 4)" if args.quick else ""),
                          acc, sup_s, mae_s, args.vits_batch, cpu, None, args)
         result["vits16"] = vs
@@ -202,7 +209,7 @@ def main() -> None:
         gpu = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
         acc = new_accelerator("bf16")
-        over = ["model.name=vit_base_patch16_224", "model.num_classes=1000"]
+        over = {"name": "vit_base_patch16_224", "num_classes": 1000}
         sup_b, mae_b = configs(over, args.gpu_batch)
         result["gpu"] = {"device": torch.cuda.get_device_name(),
                          "vitb16_bf16": bench_model("cuda vit_base_patch16_224 bf16", acc,

@@ -1,12 +1,14 @@
 """``accelerate launch`` as a child process of a training flow.
 
 The flow process never imports torch: it writes the resolved :class:`TrainConfig` to a file,
-starts ``accelerate launch -m vitpipe.cli train --config <file>`` in its own process group,
-streams every output line into the flow run's logs, and turns a non-zero exit into a
-:class:`TrainingError` that quotes the child's own error. When the flow process is told to stop
-(Prefect cancellation raises in the main thread, SIGTERM, Ctrl-C) it forwards SIGTERM to the
-whole child tree so the trainer can checkpoint within ``grace`` seconds (PITFALLS: SIGTERM kills
-before ``on_cancellation`` hooks run), then SIGKILLs what is left.
+starts ``accelerate launch -m vitpipe.cli train --config <file> --result-file <file>`` in its
+own process group, streams every output line into the flow run's logs, and reads the outcome
+from the result file (:mod:`vitpipe.train.result_file`), never from stdout: a non-zero exit
+becomes a :class:`TrainingError` that quotes the error the failing rank recorded itself. When
+the flow process is told to stop (Prefect cancellation raises in the main thread, SIGTERM,
+Ctrl-C) it forwards SIGTERM to the whole child tree so the trainer can checkpoint within
+``grace`` seconds (SIGTERM kills before ``on_cancellation`` hooks run: prefect #7766, #17623),
+then SIGKILLs what is left.
 
 Multi-node (Kubernetes indexed Job): rank 0 runs the flow; every other pod runs
 ``python -m flows.launch follow``, which reads the same flow run's parameters from the Prefect
@@ -19,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,9 +33,9 @@ from typing import Any
 
 from vitpipe.config import LaunchConfig, TrainConfig
 from vitpipe.errors import TrainingError
+from vitpipe.train.result_file import read_errors, read_result
 
 TAIL_LINES = 40
-_ERROR_LINE = re.compile(r"^(vitpipe \w+:|[A-Za-z_.]*(Error|Exception|Interrupt)\b)")
 
 
 def launch_env_overrides(launch: LaunchConfig,
@@ -80,7 +81,8 @@ def cpu_threads(launch: LaunchConfig, env: dict[str, str] | None = None,
 
 
 def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
-                    resume: str | None = None) -> list[str]:
+                    resume: str | None = None,
+                    result_file: str | Path | None = None) -> list[str]:
     """The exact ``accelerate launch`` command for one machine of a training stage."""
     argv = [sys.executable, "-m", "accelerate.commands.launch",
             "--num_processes", str(launch.num_processes * launch.num_machines),
@@ -112,6 +114,8 @@ def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
     argv += ["--module", "vitpipe.cli", "train", "--config", str(config_path)]
     if resume is not None:
         argv += ["--resume", resume]
+    if result_file is not None:
+        argv += ["--result-file", str(result_file)]
     return argv
 
 
@@ -159,28 +163,25 @@ class _ChildTree:
         self._psutil.wait_procs(alive, timeout=10)
 
 
-def _parse_result(lines: deque[str]) -> dict[str, Any] | None:
-    """The trainer's result: the last stdout line that is a JSON object (``vitpipe train``)."""
-    for line in reversed(lines):
-        s = line.strip()
-        if s.startswith("{") and s.endswith("}"):
-            with contextlib.suppress(json.JSONDecodeError):
-                obj = json.loads(s)
-                if isinstance(obj, dict):
-                    return obj
-    return None
-
-
-def describe_failure(returncode: int, tail: list[str]) -> str:
-    """One readable message: how the child ended, its own error line, and its last lines."""
+def describe_failure(returncode: int, tail: list[str],
+                     errors: list[dict[str, Any]] | None = None) -> str:
+    """One readable message: how the child ended, the error its first failing rank recorded
+    (type and message; the others listed after it), and its last output lines."""
     if returncode < 0:
         how = f"was killed by {signal.Signals(-returncode).name}"
     else:
         how = f"exited with status {returncode}"
-    errors = [ln for ln in tail if _ERROR_LINE.match(ln.strip())]
-    cause = f": {errors[-1].strip()}" if errors else ""
-    shown = "\n".join(tail[-15:])
-    return f"training process {how}{cause}\n--- last lines of its output ---\n{shown}"
+    parts = [f"training process {how}"]
+    if errors:
+        first = errors[0]
+        parts[0] += f": {first.get('type')}: {first.get('message')}"
+        parts += [f"(rank {e.get('rank')} also failed: {e.get('type')}: {e.get('message')})"
+                  for e in errors[1:]]
+        parts += ["--- its traceback, last lines ---", *first.get("traceback", [])[-10:]]
+    else:
+        parts[0] += " before recording an error (killed, out of memory, or a native crash)"
+    parts += ["--- last lines of its output ---", *tail[-15:]]
+    return "\n".join(parts)
 
 
 def run_training_process(
@@ -198,7 +199,8 @@ def run_training_process(
     with tempfile.TemporaryDirectory(prefix="vitpipe-launch-") as tmp:
         cfg_path = Path(tmp) / "train_config.json"
         cfg_path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        argv = accelerate_argv(launch, cfg_path, resume)
+        result_path = Path(tmp) / "result.json"
+        argv = accelerate_argv(launch, cfg_path, resume, result_file=result_path)
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env or {})}
         emit("launching: " + " ".join(argv))
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -224,13 +226,14 @@ def run_training_process(
             if proc.poll() is None:
                 tree.stop(5.0, emit)
                 proc.wait(10)
-    if proc.returncode != 0:
-        raise TrainingError(describe_failure(proc.returncode, list(tail)))
-    result = _parse_result(tail)
+        if proc.returncode != 0:
+            raise TrainingError(describe_failure(proc.returncode, list(tail),
+                                                 read_errors(result_path)))
+        result = read_result(result_path)
     if result is None:
         raise TrainingError(
-            "training process exited 0 but printed no result JSON (expected `vitpipe train` to"
-            " print {run_id, weights, ...} as its last line)\n" + "\n".join(list(tail)[-10:])
+            "training process exited 0 but wrote no result file (expected `vitpipe train"
+            " --result-file` to write {run_id, weights, ...})\n" + "\n".join(list(tail)[-10:])
         )
     return result
 

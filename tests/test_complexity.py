@@ -116,6 +116,31 @@ def test_model_info_vit_base() -> None:
     assert "86.57M" in text and "197" in text and "GFLOPs" in text
 
 
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "vit_small_patch16_224"])
+def test_model_info_figures_against_timm_and_flop_counter(name: str) -> None:
+    """The reference figures themselves: timm's model of the same name, one 224x224 image,
+    FlopCounterMode under the default CPU SDPA kernel (no attention flops) and the math one."""
+    import timm
+
+    info = model_info(name)
+    ref = timm.create_model(name, pretrained=False).eval()
+    ours = build_model(name).eval()
+    assert info["reference_params"] == sum(p.numel() for p in ref.parameters())
+    assert info["params"] == sum(p.numel() for p in ours.parameters())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fused:
+            ref(x)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as math:
+            ref(x)
+    assert info["gflops"] * 1e9 == math.get_total_flops()
+    assert (info["gflops"] - info["attention_gflops"]) * 1e9 == pytest.approx(
+        fused.get_total_flops(), rel=1e-9)
+    text = model_info_text(name)
+    assert f"{info['reference_params']:,}" in text and "FlopCounterMode" in text
+    assert f"{fused.get_total_flops() / 1e9:.3f} there" in text
+
+
 def test_model_info_overrides_as_strings() -> None:
     info = model_info("vit_tiny_patch4_28", ["depth=2", "model.img_size=56"])
     assert info["config"]["depth"] == 2 and info["tokens"] == 197

@@ -116,9 +116,41 @@ def test_training_child_failure_carries_the_trainers_error(tmp_path: Path) -> No
     with pytest.raises(TrainingError) as err:
         run_training_process(cfg, LaunchConfig(cpu=True), lines.append)
     msg = str(err.value)
-    assert "training process exited with status" in msg
-    assert "manifest" in msg and str(tmp_path / "missing") in msg
+    first = msg.splitlines()[0]  # the child's own error, from its result file, leads
+    assert first.startswith("training process exited with status 1: ManifestNotFound: ")
+    assert "manifest" in first and str(tmp_path / "missing") in first
+    assert "CalledProcessError" not in first  # accelerate's own line never takes its place
     assert lines[0].startswith("launching: ") and "--cpu" in lines[0]
+    assert "--result-file" in lines[0]
+
+
+def test_failure_message_leads_with_the_first_failing_rank(tmp_path: Path) -> None:
+    from flows.launch import describe_failure
+    from vitpipe.train.result_file import read_errors, read_result, write_error, write_result
+
+    path = tmp_path / "result.json"
+    for rank, exc in ((1, ValueError("bad label in shard 3")),
+                      (0, RuntimeError("peer rank 1 is gone"))):
+        os.environ["RANK"] = str(rank)
+        try:
+            try:
+                raise exc
+            except Exception as e:  # a real traceback, as in the child
+                write_error(path, e)
+        finally:
+            del os.environ["RANK"]
+    errors = read_errors(path)
+    assert [e["rank"] for e in errors] == [1, 0]  # earliest first
+    msg = describe_failure(1, ["some output", "Traceback ..."], errors)
+    assert msg.splitlines()[0] == ("training process exited with status 1: "
+                                   "ValueError: bad label in shard 3")
+    assert "rank 0 also failed: RuntimeError: peer rank 1 is gone" in msg
+    assert "raise exc" in msg  # the first failure's own traceback lines
+    killed = describe_failure(-9, ["epoch 1"], [])
+    assert killed.startswith("training process was killed by SIGKILL before recording")
+    assert read_result(path) is None
+    write_result(path, {"run_id": "abc"})
+    assert read_result(path) == {"run_id": "abc"}
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,21 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if not args.result_file:
+        return _train(args)
+    from .train.result_file import write_error, write_result
+
+    try:
+        code = _train(args, on_result=lambda r: write_result(args.result_file, r))
+    except BaseException as err:  # the supervisor reads this file, not our stdout
+        write_error(args.result_file, err)
+        raise
+    return code
+
+
+def _train(args: argparse.Namespace, on_result=None) -> int:
     from .config import load_stage
-    from .train import train
+    from .train import TrainingInterrupted, train
 
     section = "pretrain" if args.mode == "mae" else "finetune"
     overrides = list(args.overrides)
@@ -65,13 +78,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_stage("train", args.config, overrides, section=section)
-    from .train import TrainingInterrupted
-
     try:
         result = train(cfg)
     except TrainingInterrupted as err:  # SIGTERM: checkpoint written; tell supervisors apart
         print(f"vitpipe train: {err}", file=sys.stderr)
         return 143
+    if on_result is not None:
+        on_result(result)
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
         print(json.dumps(result, default=str))
     return 0
@@ -153,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="supervised / MAE pretraining or fine-tuning (Accelerate)")
     p.add_argument("--mode", choices=["supervised", "mae", "finetune"])
     p.add_argument("--resume", help="'auto' (newest checkpoint), a checkpoint URI, or 'none'")
+    p.add_argument("--result-file", help="write the result JSON here (and each failing rank's"
+                   " error to <file>.rank<N>.error): how a supervisor learns the outcome")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 

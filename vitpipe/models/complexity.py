@@ -94,6 +94,25 @@ def forward_flops(kw: dict[str, Any], tokens: int | None = None, head: bool = Tr
     return total
 
 
+def attention_flops(kw: dict[str, Any]) -> int:
+    """The ``4 T^2 D`` per block of ``forward_flops`` spent in QK^T and AV: what
+    ``FlopCounterMode`` cannot see inside CPU's fused SDPA kernel
+    (``_scaled_dot_product_flash_attention_for_cpu`` has no flop formula), so it counts
+    ``forward_flops - attention_flops`` there and the full figure under the math backend."""
+    _, _, n = _grid(kw)
+    t = n + (1 if kw["global_pool"] == "token" else 0)
+    return kw["depth"] * 4 * t * t * kw["embed_dim"]
+
+
+def reference_params(kw: dict[str, Any]) -> int:
+    """Parameters of the same ViT as the paper and timm build it: their class token has a
+    row in the learned position table too (``pos_embed`` (1, 1 + N, D)). Here that row is
+    folded into the class token (``cls + pos[0]`` is one constant either way), so the
+    function is the same with D fewer parameters; ``timm_compat`` maps timm weights exactly."""
+    extra = kw["embed_dim"] if kw["global_pool"] == "token" and kw["pos_embed"] == "learned" else 0
+    return count_params(kw) + extra
+
+
 def logits_flops(kw: dict[str, Any]) -> int:
     """Forward FLOPs per image of ``VisionTransformer.forward`` (what training executes).
 
@@ -179,7 +198,9 @@ def model_info(name: str, overrides: dict[str, Any] | list[str] | None = None,
     return {
         "name": name,
         "params": count_params(kw),
+        "reference_params": reference_params(kw),
         "gflops": fwd / 1e9,  # every token through every block: the figure usually quoted
+        "attention_gflops": attention_flops(kw) / 1e9,
         "logits_gflops": logits_flops(kw) / 1e9,  # what forward() executes
         "train_gflops": 3 * logits_flops(kw) / 1e9,  # forward + backward (2x forward)
         "activation_bytes": activation_bytes(kw, batch_size),
@@ -201,12 +222,20 @@ def model_info_text(name: str, overrides: list[str] | None = None, batch_size: i
         f"width {kw['embed_dim']} depth {kw['depth']} heads {kw['num_heads']} "
         f"mlp {kw['mlp_ratio']:g} pos {kw['pos_embed']} stem {kw['stem']} "
         f"pool {kw['global_pool']} classes {kw['num_classes']}",
-        f"params       {info['params'] / 1e6:.2f}M ({info['params']:,})",
+        f"params       {info['params'] / 1e6:.2f}M ({info['params']:,})"
+        + (f"; the paper's/timm's ViT: {info['reference_params']:,} (its class token also has"
+           " a position row; here folded into the class token: same function)"
+           if info["reference_params"] != info["params"] else ""),
         f"tokens       {info['tokens']} ({gh}x{gw} patches + {info['tokens'] - gh * gw} prefix)",
         f"GFLOPs       {info['gflops']:.3f} forward / image = {info['gflops'] / 2:.3f} GMACs "
         f"(logits only: {info['logits_gflops']:.3f}; "
         f"{info['train_gflops']:.3f} per training step / image)"
         + ("; eval runs 2 views (tta_hflip)" if kw.get("tta_hflip") else ""),
+        "             counted as torch.utils.flop_counter.FlopCounterMode does under the math"
+        " SDPA backend (2 per multiply-add of every matmul and conv);",
+        f"             {info['attention_gflops']:.3f} of them are attention (QK^T, AV), which it"
+        " does not count inside CPU's fused SDPA kernel: "
+        f"{info['gflops'] - info['attention_gflops']:.3f} there",
         f"activations  {info['activation_bytes'] / 2**20:.1f} MiB fp32 for a training step "
         f"at batch {batch_size}",
     ])
