@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
 from ..errors import DataError
+from . import imgcheck
 
 # Modes that convert cleanly to 8-bit L or RGB; anything else (I, F, I;16, HSV...) is refused.
 GRAY_MODES = {"1", "L", "LA", "La"}
@@ -28,7 +29,7 @@ def decode(data: bytes, origin: str) -> Image.Image:
     return img
 
 
-TENSOR_DECODABLE = frozenset(("png", "jpg", "jpeg", "webp"))
+TENSOR_DECODABLE = frozenset(("png", "jpg", "jpeg"))  # checked first (imgcheck); others: PIL
 
 
 def _image_op() -> Callable | None:
@@ -62,9 +63,16 @@ def decode_tensor(data: bytes | bytearray, ext: str, channels: int, origin: str,
 
     torchvision's decoders (libpng/libjpeg-turbo straight into a tensor) are 2-2.5x faster than
     PIL + conversion; other formats, and anything they reject, go through PIL, which also gives
-    the definitive "corrupt image" error.
+    the definitive "corrupt image" error. PNG and JPEG bytes are checked first
+    (:mod:`vitpipe.data.imgcheck`): a malformed image must not reach a native decoder.
     """
     if ext in TENSOR_DECODABLE:
+        check = imgcheck.CHECKS.get(ext)
+        if check is not None:
+            try:  # the native decoders can crash the process on malformed bytes
+                check(data)
+            except imgcheck.ImageCheckError as err:
+                raise DataError(f"corrupt image {origin}: {err}") from None
         try:
             # torch.frombuffer needs a writable buffer: a bytearray (as the shard reader hands
             # out) is used as it is, bytes are copied

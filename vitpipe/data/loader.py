@@ -358,8 +358,10 @@ _READ_RUN = 64  # samples fetched per call at most (held beyond the shuffle buff
 def _read_runs(shard: np.ndarray, member: np.ndarray, needed: np.ndarray) -> np.ndarray:
     """For each read position, the end of its run: needed samples of one shard with
     consecutive member indices, at most ``_READ_RUN`` long (padding and unneeded positions: a
-    run of one)."""
+    run of one). A worker with no batch (a split smaller than its workers' batches) has none."""
     n = len(shard)
+    if n == 0:
+        return np.zeros(0, np.int64)
     cut = np.ones(n, bool)
     cut[1:] = ((shard[1:] != shard[:-1]) | (member[1:] != member[:-1] + 1) | ~needed[1:]
                | ~needed[:-1] | (shard[1:] == PAD))
