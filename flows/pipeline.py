@@ -340,7 +340,21 @@ look:    {ui}
 """
 
 
+def quiet_embedded_server() -> None:
+    """Switch off the temporary server's telemetry heartbeat (unless the user set it).
+
+    At start-up the heartbeat reads, then inserts, its session row in one deferred SQLite
+    transaction while the client's first writes land: in WAL mode a read transaction that
+    another connection's commit has overtaken cannot become a write one, so SQLite answers
+    "database is locked" at once (``busy_timeout`` does not apply) and Prefect logs an ERROR
+    with a traceback (prefect #18934, #15170). The heartbeat only reports usage to Prefect.
+    The server is a subprocess that copies ``os.environ`` when the first flow starts.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_embedded_server()
     p = argparse.ArgumentParser(prog="python -m flows.pipeline",
                                 description="Run the vitpipe pipeline flow (ephemeral Prefect).")
     p.add_argument("--config", "-c", help="pipeline preset YAML, e.g. configs/fmnist_cpu.yaml")

@@ -1,16 +1,24 @@
-"""`vitpipe stack down|status` act only on what `up` recorded (real processes, no servers)."""
+"""`vitpipe stack`: `down|status` act only on what `up` recorded (real processes); a restarted
+stack reuses its ports and S3 key (real servers); `env` prints what to export."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from vitpipe.stack import stack_cli
-from vitpipe.stack.cli import down, status
+from vitpipe.stack.cli import down, read_env_files, status
+from vitpipe.stack.ports import SPEC, plan_ports, save_ports
 from vitpipe.stack.process import ManagedProcess
 
 
@@ -59,3 +67,73 @@ def test_status_and_down_without_a_stack_say_so(tmp_path: Path, capsys) -> None:
     assert stack_cli("down", str(tmp_path)) == 1
     err = capsys.readouterr().err
     assert "nothing was started with `stack up`" in err
+
+
+def test_plan_ports_reuses_recorded_ports_and_reports_taken_ones(tmp_path: Path) -> None:
+    first, changes = plan_ports(tmp_path)
+    assert changes == [] and set(first) == set(SPEC)
+    save_ports(tmp_path, first)
+    assert plan_ports(tmp_path) == (first, [])
+    # another program now listens on the recorded MLflow port (and on S3's gRPC pair)
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", first["mlflow"]))
+        a.listen()
+        b.bind(("127.0.0.1", first["s3.s3"] + 10000))
+        b.listen()
+        again, changes = plan_ports(tmp_path)
+    assert again["mlflow"] != first["mlflow"] and again["s3.s3"] != first["s3.s3"]
+    assert {k: v for k, v in again.items() if k not in ("mlflow", "s3.s3")} == {
+        k: v for k, v in first.items() if k not in ("mlflow", "s3.s3")}
+    assert len(changes) == 2
+    assert f"mlflow: {first['mlflow']} -> {again['mlflow']}" in changes[1]
+    assert f"{first['s3.s3'] + 10000} is in use" in changes[0]
+
+
+def _vitpipe(*args: str) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    return subprocess.run([str(bin_dir / "vitpipe"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+
+
+def _exported(out: str) -> dict[str, str]:
+    env = {}
+    for line in out.splitlines():
+        k, v = line.removeprefix("export ").split("=", 1)
+        env[k] = shlex.split(v)[0] if v else ""
+    return env
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stack_restart_keeps_ports_and_keys_and_env_prints_them(tmp_path: Path) -> None:
+    """`up`, `down`, `up`: the same URLs and S3 key; a taken port moves and `up` says so."""
+    d = str(tmp_path / "stack")
+    res = _vitpipe("stack", "up", "--dir", d)
+    assert res.returncode == 0, res.stdout + res.stderr
+    try:
+        env1 = _exported(_vitpipe("stack", "env", "--dir", d).stdout)
+        assert env1 == read_env_files(d) and env1["MLFLOW_TRACKING_URI"].startswith("http://")
+        assert "database is locked" not in (Path(d) / "logs/prefect-server.log").read_text()
+    finally:
+        assert _vitpipe("stack", "down", "--dir", d).returncode == 0
+    mlflow_port = int(env1["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1])
+    with socket.socket() as squatter:  # another program took MLflow's port meanwhile
+        squatter.bind(("127.0.0.1", mlflow_port))
+        squatter.listen()
+        res = _vitpipe("stack", "up", "--dir", d)
+        try:
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert f"mlflow: {mlflow_port} -> " in res.stdout
+            env2 = _exported(_vitpipe("stack", "env", "--dir", d).stdout)
+            assert env2["MLFLOW_TRACKING_URI"] != env1["MLFLOW_TRACKING_URI"]
+            same = ("PREFECT_API_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY")
+            assert {k: env2[k] for k in same} == {k: env1[k] for k in same}
+            assert _vitpipe("stack", "status", "--dir", d).returncode == 0
+        finally:
+            assert _vitpipe("stack", "down", "--dir", d).returncode == 0
+
+
+def test_env_without_a_stack_says_so(tmp_path: Path, capsys) -> None:
+    assert stack_cli("env", str(tmp_path)) == 1
+    assert "nothing was started with `stack up`" in capsys.readouterr().err

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stack", help="local Prefect + MLflow + S3 stack without Docker")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status", "env"],
+                   help="env: print the `export` lines (eval \"$(vitpipe stack env)\")")
     p.add_argument("--dir", default=".stack", help="where the stack keeps its data and env file")
     p.set_defaults(func=cmd_stack)
     return parser

@@ -8,7 +8,10 @@ directory, and writes:
   (``set -a; . .stack/stack.env; . .stack/credentials.env; set +a`` loads them),
 - ``credentials.env`` (mode 0600): the generated S3 access key and secret,
 - ``stack.json``: what ``up`` started (pids, ports, health URLs), so ``down`` stops exactly
-  those processes and nothing else.
+  those processes and nothing else,
+- ``ports.json``: the ports chosen by the first ``up``; later ones reuse them (and the S3 key
+  in ``credentials.env``) unless a port is taken, so URLs and exported environments survive a
+  restart. ``vitpipe stack env`` prints the ``export`` lines.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .ports import plan_ports, save_ports
 from .prefect_server import (
     POOLS,
     PROCESS_POOL,
@@ -65,6 +70,25 @@ def read_env_files(stack_dir: str | Path) -> dict[str, str]:
     return out
 
 
+def _s3_keys(root: Path) -> dict[str, str]:
+    """The S3 key pair of an earlier ``up`` (``credentials.env``), so exported shells keep
+    working; {} on the first ``up`` (SeaweedS3 generates one)."""
+    creds = read_env_files(root)
+    if creds.get("AWS_ACCESS_KEY_ID") and creds.get("AWS_SECRET_ACCESS_KEY"):
+        return {"access_key": creds["AWS_ACCESS_KEY_ID"],
+                "secret_key": creds["AWS_SECRET_ACCESS_KEY"]}
+    return {}
+
+
+def env_lines(stack_dir: str | Path) -> list[str]:
+    """``export K=V`` lines for the stack's environment (``eval "$(vitpipe stack env)"``)."""
+    root = Path(stack_dir).resolve()
+    values = read_env_files(root)
+    if not values:
+        raise StackError(f"no {ENV_FILE} in {root} (nothing was started with `stack up`)")
+    return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
+
+
 def _record(proc: ManagedProcess, url: str | None) -> dict[str, Any]:
     assert proc.proc is not None
     return {"pid": proc.proc.pid, "argv0": Path(proc.argv[0]).name, "health_url": url,
@@ -83,20 +107,24 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
         raise StackError(f"a stack is already running from {root}; "
                          f"`vitpipe stack down --dir {stack_dir}` first")
     root.mkdir(parents=True, exist_ok=True)
+    ports, changes = plan_ports(root)
     started: list[ManagedProcess] = []
     services: dict[str, Any] = {}
     # The Prefect server starts while S3 and MLflow come up (it needs neither).
     pool_exec = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    prefect_future = pool_exec.submit(start_server, root, ui=ui)
+    prefect_future = pool_exec.submit(start_server, root, port=ports["prefect"], ui=ui)
     try:
-        s3 = SeaweedS3(root / "s3").start(timeout=120)
+        s3 = SeaweedS3(root / "s3", **_s3_keys(root),
+                       ports={k.removeprefix("s3."): v for k, v in ports.items()
+                              if k.startswith("s3.")}).start(timeout=120)
         assert s3.process is not None
         started.append(s3.process)
         s3.make_bucket(BUCKET)
         services["s3"] = _record(s3.process, f"{s3.endpoint_url}/")
         s3_env = s3.env()
 
-        ml = start_mlflow_server(root / "mlflow", artifacts_destination=f"s3://{BUCKET}/mlflow",
+        ml = start_mlflow_server(root / "mlflow", port=ports["mlflow"],
+                                 artifacts_destination=f"s3://{BUCKET}/mlflow",
                                  s3_env=s3_env, timeout=120)
         started.append(ml.process)
         services["mlflow"] = _record(ml.process, ml.health_url)
@@ -137,8 +165,10 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
         pool_exec.shutdown(wait=False)
     _write_env(root / ENV_FILE, public, 0o644)
     _write_env(root / CRED_FILE, secrets, 0o600)
+    save_ports(root, ports)
     state = {"dir": str(root), "api_url": api_url, "pool": pool, "services": services,
-             "prefect_home": str(root / "prefect"), "started_at": time.time()}
+             "prefect_home": str(root / "prefect"), "ports": ports, "port_changes": changes,
+             "started_at": time.time()}
     (root / STATE).write_text(json.dumps(state, indent=2))
     return state
 
@@ -216,9 +246,13 @@ def stack_cli(action: str, stack_dir: str) -> int:
             state = up(stack_dir)
             d = Path(state["dir"])
             print(f"stack up in {d}")
+            if state["port_changes"]:
+                print("ports changed since the last `up` (shells and links that use the old "
+                      "ones must be updated):\n  " + "\n  ".join(state["port_changes"]))
             for name, rec in state["services"].items():
                 print(f"  {name:15s} pid {rec['pid']:<8d} {rec['health_url']}")
-            print(f"\nenv:   set -a; . {d / ENV_FILE}; . {d / CRED_FILE}; set +a\n"
+            print(f"\nenv:   eval \"$(vitpipe stack env --dir {stack_dir})\"   "
+                  f"(or: set -a; . {d / ENV_FILE}; . {d / CRED_FILE}; set +a)\n"
                   f"UI:    {state['api_url'].removesuffix('/api')} (Prefect), "
                   f"{read_env_files(d)['MLFLOW_TRACKING_URI']} (MLflow)\n"
                   f"next:  prefect --no-prompt deploy --all   # then "
@@ -228,6 +262,9 @@ def stack_cli(action: str, stack_dir: str) -> int:
             names = down(stack_dir)
             print("stopped: " + (", ".join(names) if names else "nothing was running"))
             return 0
+        if action == "env":
+            print("\n".join(env_lines(stack_dir)))
+            return 0
         if action == "status":
             health = status(stack_dir)
             for name, ok in health.items():
@@ -236,8 +273,8 @@ def stack_cli(action: str, stack_dir: str) -> int:
     except StackError as err:
         print(f"vitpipe stack {action}: {err}", file=sys.stderr)
         return 1
-    print(f"unknown action {action!r}: up, down or status", file=sys.stderr)
+    print(f"unknown action {action!r}: up, down, status or env", file=sys.stderr)
     return 2
 
 
-__all__ = ["down", "prefect_env", "read_env_files", "stack_cli", "status", "up"]
+__all__ = ["down", "env_lines", "prefect_env", "read_env_files", "stack_cli", "status", "up"]
