@@ -98,7 +98,8 @@ def configs(model: dict | None, batch: int) -> tuple[TrainConfig, TrainConfig]:
     preset = REPO / "configs" / "fmnist_cpu.yaml"
     over = [f"data.batch_size={batch}"]
     sup = load_stage("train", str(preset), over + ["mode=supervised"], section="finetune")
-    mae = load_stage("train", str(preset), over, section="pretrain")
+    # the CPU preset has no MAE stage (it did not pay there): time MAE with its model and data
+    mae = load_stage("train", str(preset), over + ["mode=mae"], section="finetune")
     if model is not None:
         m = ModelConfig(**model)
         sup, mae = (TrainConfig.model_validate({**c.model_dump(), "model": m.model_dump()})

@@ -27,7 +27,7 @@ def test_overrides_after_options_are_applied(capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["model"]["depth"] == 2
     assert cfg["train"]["epochs"] == 3
-    assert cfg["mode"] == "finetune"
+    assert cfg["mode"] == "supervised"  # the CPU preset trains from scratch
 
 
 def test_unknown_option_is_rejected():
@@ -47,3 +47,11 @@ def test_rollback_unknown_model_is_a_clear_error(tmp_path, capsys):
     assert main(["rollback", "no-such-model", "--tracking-uri", uri]) == 1
     err = capsys.readouterr().err
     assert "no-such-model" in err
+
+
+def test_mae_on_a_preset_without_pretrain_section_uses_finetune_section():
+    from vitpipe.cli import _has_section
+
+    assert not _has_section("configs/fmnist_cpu.yaml", "pretrain")
+    assert _has_section("configs/fmnist_gpu.yaml", "pretrain")
+    assert _has_section(None, "pretrain")

@@ -31,7 +31,10 @@ def test_preset_plus_overrides_reach_every_stage(tmp_path: Path) -> None:
     cfg = resolve_config(None, str(ROOT / "configs" / "fmnist_cpu.yaml"),
                          ["model.depth=3", "finetune.train.epochs=1", "launch.cpu=true"])
     assert isinstance(cfg, PipelineConfig)
-    assert cfg.finetune.model.depth == cfg.pretrain.model.depth == cfg.evaluate.model.depth == 3
+    assert cfg.finetune.model.depth == cfg.evaluate.model.depth == 3
+    assert cfg.pretrain is None  # the CPU preset has no MAE stage
+    gpu = resolve_config(None, str(ROOT / "configs" / "fmnist_gpu.yaml"), ["model.depth=3"])
+    assert gpu.pretrain.model.depth == gpu.finetune.model.depth == 3
     assert cfg.finetune.train.epochs == 1 and cfg.launch.cpu
     assert cfg.orchestration.stages == "auto"
 

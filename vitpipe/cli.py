@@ -72,6 +72,11 @@ def _train(args: argparse.Namespace, on_result=None) -> int:
     from .train import TrainingInterrupted, train
 
     section = "pretrain" if args.mode == "mae" else "finetune"
+    if section == "pretrain" and not _has_section(args.config, "pretrain"):
+        # e.g. configs/fmnist_cpu.yaml has no MAE stage: pretrain with its model and data
+        print(f"vitpipe train: {args.config} has no 'pretrain' section; using its 'finetune' "
+              "section with mode=mae", file=sys.stderr)
+        section = "finetune"
     overrides = list(args.overrides)
     if args.mode:
         overrides.append(f"mode={args.mode}")
@@ -88,6 +93,15 @@ def _train(args: argparse.Namespace, on_result=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
         print(json.dumps(result, default=str))
     return 0
+
+
+def _has_section(path: str | None, name: str) -> bool:
+    from .config import read_yaml
+
+    if not path:
+        return True  # stage defaults: no sections to choose between
+    data = read_yaml(path)
+    return name in data or not any(k in data for k in ("shard", "finetune", "register"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
