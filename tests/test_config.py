@@ -200,3 +200,16 @@ def test_cli_config_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "properties" in json.loads(capsys.readouterr().out)
     assert cli_main(["config", "show", "model.patch_size=5", "--stage", "train"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("train.learning_rat", "train.lr"), ("train.learning_rate", "train.lr"),
+    ("train.max_grad_norm", "train.clip_grad"), ("train.num_epoch", "train.epochs"),
+    ("data.worker", "data.num_workers"),
+])
+def test_unknown_key_suggests_the_short_key_of_a_known_synonym(typo: str, meant: str) -> None:
+    from vitpipe.config import load_stage
+
+    with pytest.raises(ConfigError) as err:
+        load_stage("train", None, [f"{typo}=1"])
+    assert f"did you mean '{meant}'" in str(err.value)

@@ -66,6 +66,30 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+# Spellings from other trainers (timm, Hugging Face, MAE) for keys named shortly here: a close
+# match to the long form (``learning_rat``) suggests the short key (``lr``).
+SYNONYMS: dict[str, str] = {
+    "learning_rate": "lr", "base_learning_rate": "blr", "base_lr": "blr",
+    "min_learning_rate": "min_lr", "lr_min": "min_lr", "num_epochs": "epochs",
+    "n_epochs": "epochs", "warmup": "warmup_epochs", "warmup_steps": "warmup_epochs",
+    "max_grad_norm": "clip_grad", "grad_clip": "clip_grad", "clip_grad_norm": "clip_grad",
+    "gradient_accumulation_steps": "accum_steps", "grad_accum_steps": "accum_steps",
+    "smoothing": "label_smoothing", "train_batch_size": "batch_size", "bs": "batch_size",
+    "workers": "num_workers", "patch": "patch_size", "ema": "ema_decay",
+    "layer_decay_rate": "layer_decay", "amp": "mixed_precision", "precision": "mixed_precision",
+}
+
+
+def _suggest(key: str, pool: list[str]) -> list[str]:
+    """The closest valid key to ``key``: by spelling, else through a known synonym."""
+    close = difflib.get_close_matches(key, pool, n=1, cutoff=0.5)
+    if close:
+        return close
+    by_syn = [s for s in difflib.get_close_matches(key.lower(), list(SYNONYMS), n=3, cutoff=0.75)
+              if SYNONYMS[s] in pool]
+    return [SYNONYMS[by_syn[0]]] if by_syn else []
+
+
 def format_validation_error(model: type[BaseModel], err: ValidationError, source: str) -> str:
     """Turn pydantic's error list into lines a user can act on."""
     lines = []
@@ -78,7 +102,7 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
             # a mapping under an unknown key was meant for a section: prefer section names
             sections = _field_names(model, parent, sections_only=True)
             pool = sections if isinstance(e.get("input"), dict) and sections else valid
-            close = difflib.get_close_matches(key, pool, n=1, cutoff=0.5)
+            close = _suggest(key, pool)
             hint = f"; did you mean '{'.'.join([*map(str, parent), close[0]])}'?" if close else ""
             where = ".".join(map(str, parent)) or "top level"
             lines.append(
