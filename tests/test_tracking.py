@@ -93,3 +93,29 @@ def test_inactive_tracker_is_a_noop(tmp_path):
     assert tr.start() is None
     tr.log_metrics({"loss": 1.0}, step=1)
     assert not (tmp_path / "none.db").exists()
+
+
+def test_artifact_store_outage_is_one_named_line(s3_env, tmp_path):
+    """MLflow's S3 artifact store down (endpoint refuses): `vitpipe train` ends with one line
+    naming the endpoint and the store, no traceback, within bounded time."""
+    from tests.test_train_support import cli, free_port, make_shards, train_overrides
+
+    bucket = s3_env.make_bucket("vp-art").removeprefix("s3://").strip("/")
+    manifest = make_shards(tmp_path / "shards", 40, 40)
+    dead = f"http://127.0.0.1:{free_port()}"
+    args = ["train", *train_overrides(tmp_path, manifest, "train.max_steps=1", "data.batch_size=16",
+                                      f"tracking.artifact_location=s3://{bucket}/art")]
+    res = cli(args, timeout=120, MLFLOW_S3_ENDPOINT_URL=dead)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = [ln for ln in res.stderr.splitlines() if "artifact store" in ln]
+    assert line, res.stderr[-3000:]
+    assert f"s3://{bucket}/art" in line[0] and f"{dead} unreachable" in line[0], line[0]
+    assert s3_env.env()["AWS_SECRET_ACCESS_KEY"] not in res.stderr
+
+    # the same run with the endpoint up: the artifacts land in the bucket
+    ok = cli(args, timeout=240, MLFLOW_S3_ENDPOINT_URL=s3_env.endpoint_url)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    from vitpipe import storage
+
+    assert any(u.endswith("model.safetensors") for u in storage.list_uris(f"s3://{bucket}/art"))

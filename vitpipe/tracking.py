@@ -9,6 +9,7 @@ process can log into a run it did not start (evaluation logs into the training r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,77 @@ def check_reachable(uri: str, timeout: float) -> None:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TrackingError(f"cannot create MLflow file store {shown}: {err}") from None
+
+
+def _s3_endpoint() -> str:
+    ep = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    return redact_uri(ep) if ep else "the default AWS endpoint"
+
+
+def artifact_failure(err: BaseException) -> str | None:
+    """Why an artifact-store call failed, in one line; None if ``err`` is not a store failure.
+
+    MLflow's S3 artifact repository lets botocore's own exceptions through (and boto3 wraps
+    upload failures in ``S3UploadFailedError``): every S3 path of vitpipe names endpoint and
+    bucket in one line, so the artifact store does the same."""
+    try:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+    except ImportError:  # no boto3: only a local or proxied store
+        return f"{type(err).__name__}: {err}" if isinstance(err, OSError) else None
+    ep = _s3_endpoint()
+    if isinstance(err, (EndpointConnectionError, ConnectTimeoutError)):
+        return (f"S3 endpoint {ep} unreachable; check MLFLOW_S3_ENDPOINT_URL and that the "
+                "server is running")
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return (f"no AWS credentials for S3 endpoint {ep}; set AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    text = str(err)
+    if isinstance(err, (ClientError, S3UploadFailedError)):
+        code = (str(err.response.get("Error", {}).get("Code", ""))
+                if isinstance(err, ClientError) else
+                (re.search(r"\((\w+)\)", text) or [None, "unknown"])[1])
+        if code == "NoSuchBucket":
+            return f"bucket does not exist at S3 endpoint {ep}; create it or fix the location"
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+            return f"access denied ({code}) at S3 endpoint {ep}; check the AWS credentials"
+        return f"S3 error {code} at endpoint {ep}"
+    if isinstance(err, BotoCoreError):
+        return f"S3 endpoint {ep}: {type(err).__name__}"
+    if isinstance(err, OSError):  # a local store: disk full, permissions
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@contextlib.contextmanager
+def artifact_errors(what: str, location: str | None = None,
+                    kept: str | Path | None = None) -> Iterator[None]:
+    """Re-raise an artifact-store failure in the block as one :class:`TrackingError` line that
+    names ``what``, the store ``location`` and, for uploads, where the local copy still is."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as err:
+        from mlflow.exceptions import MlflowException
+
+        reason = artifact_failure(err)
+        if (reason is None and isinstance(err, MlflowException)  # a proxied store, server side
+                and err.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")):
+            reason = f"the tracking server failed: {err.message.splitlines()[0][:300]}"
+        if reason is None:
+            raise
+        where = f" at {redact_uri(location)}" if location else ""
+        keep = f"; the local copy is kept at {kept}" if kept else ""
+        raise TrackingError(f"cannot {what} in the MLflow artifact store{where}: {reason}{keep}"
+                            ) from None
 
 
 def default_artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
@@ -267,9 +340,16 @@ class Tracker:
         batch = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def artifact_uri(self) -> str | None:
+        try:
+            return self.client.get_run(self.run_id).info.artifact_uri
+        except Exception:  # only for messages
+            return None
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active and self.run_id:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            with artifact_errors(f"upload {Path(path).name}", self.artifact_uri(), kept=path):
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Write ``data`` as JSON under ``artifact_file`` (e.g. ``config/train_config.json``)."""
@@ -279,7 +359,8 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / name
             p.write_text(json.dumps(data, indent=2, default=str))
-            self.client.log_artifact(self.run_id, str(p), sub or None)
+            with artifact_errors(f"upload {artifact_file}", self.artifact_uri()):
+                self.client.log_artifact(self.run_id, str(p), sub or None)
 
     def log_dataset(self, manifest: Any, manifest_uri: str, split: str, context: str) -> None:
         """``log_inputs`` of a :func:`manifest_dataset` with an ``mlflow.data.context`` tag."""

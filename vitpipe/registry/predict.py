@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from ..config import TrackingConfig
 from ..errors import TrackingError
+from ..tracking import artifact_errors
 from .client import bound_http_retries, check_reachable, is_not_found, resolve_uri
 from .pyfunc import INPUT_COLUMN, OUTPUT_COLUMNS
 
@@ -37,7 +38,8 @@ def load_model(model_uri: str, tracking: TrackingConfig | None = None) -> Any:
     if m and m["name"] and not m["name"].startswith("m-"):
         _check_registered(m["name"], m["alias"], m["ver"], uri)
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        with artifact_errors(f"download model {model_uri}"):
+            return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
         reason = "does not exist" if is_not_found(err) else f"cannot be loaded: {err.message}"
         raise TrackingError(f"model {model_uri} {reason} (tracking URI {uri})") from err

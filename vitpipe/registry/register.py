@@ -32,6 +32,7 @@ import vitpipe
 
 from ..config import ConfigError, RegisterConfig, TrackingConfig, TrainConfig
 from ..errors import TrackingError
+from ..tracking import artifact_errors
 from .client import connect, is_already_exists, is_not_found, tracking_errors
 from .gate import TAG, Contender, Decision, decide
 from .lock import gate_lock
@@ -235,7 +236,8 @@ def _download_inputs(client: MlflowClient, uri: str, cfg: RegisterConfig,
                 f"run '{cfg.run_id}' has no artifact '{path}' (found under '{parent or '/'}': "
                 f"{sorted(listed) or 'nothing'}); register a run logged by `vitpipe train` "
                 f"(tracking URI {uri})")
-        with tracking_errors(f"artifact '{path}' of run '{cfg.run_id}'", uri):
+        with tracking_errors(f"artifact '{path}' of run '{cfg.run_id}'", uri), \
+                artifact_errors(f"download '{path}' of run '{cfg.run_id}'"):
             local = client.download_artifacts(cfg.run_id, path, str(dst))
         out[key] = Path(local)
     out[ART_META] = dst / "vitpipe_meta.json"
@@ -257,7 +259,8 @@ def _log_pyfunc(uri: str, run: Any, files: dict[str, Path], top_k: int, example:
     mlflow.set_tracking_uri(uri)
     info = run.info
     try:
-        with mlflow.start_run(run_id=info.run_id, log_system_metrics=False):
+        with artifact_errors(f"log the pyfunc model of run '{info.run_id}'", info.artifact_uri), \
+                mlflow.start_run(run_id=info.run_id, log_system_metrics=False):
             logged = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
                 python_model=str(ENTRY_POINT),  # models from code: nothing pickled
