@@ -103,7 +103,8 @@ def test_small_shards_manifest_matches_files(tmp_path_factory):
             assert (len(data), hashlib.sha256(data).hexdigest()) == (s.bytes, s.sha256)
             with tarfile.open(url) as tf:
                 names = tf.getnames()
-            assert len(names) == 2 * s.count and all(n.endswith((".png", ".cls")) for n in names)
+            assert len(names) == 3 * s.count
+            assert all(n.endswith((".png", ".cls", ".crc")) for n in names)
     assert m.digest == dataset_digest(m.splits)
     assert m.channels == 1 and m.image_size == (28, 28) and m.image_format == "png"
     assert 0.25 < m.mean[0] < 0.32 and 0.32 < m.std[0] < 0.38  # Fashion-MNIST: 0.286, 0.353
