@@ -31,8 +31,14 @@ def sample_crc(members: Mapping[str, bytes | bytearray | memoryview]) -> int:
     c = 0
     for ext in sorted(members):
         if ext != CRC_EXT:
-            c = zlib.crc32(members[ext], zlib.crc32(ext.encode() + b"\0", c))
+            p = _PREFIX.get(ext)
+            if p is None:
+                p = _PREFIX[ext] = ext.encode() + b"\0"
+            c = zlib.crc32(members[ext], zlib.crc32(p, c))
     return c
+
+
+_PREFIX: dict[str, bytes] = {}  # ext -> b"ext\0" (on small images the encode shows)
 
 
 class ManifestNotFound(DataError):
