@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_data_support import copy_shards, refresh_manifest, rewrite_tar, small_fmnist
+from tests.test_data_support import (
+    copy_shards,
+    flip_member_byte,
+    refresh_manifest,
+    rewrite_tar,
+    small_fmnist,
+)
 from vitpipe.data import make_loader, read_manifest
 from vitpipe.data.manifest import sample_crc
 from vitpipe.errors import DataError
@@ -35,23 +41,6 @@ def _eval(uri: str, **kw):
     return loader, torch.cat(labels), keys
 
 
-def _flip(manifest: str, name: str, ext: str, n: int = 1, at: int = 0) -> list[str]:
-    """Change one byte of the ``ext`` member of the first ``n`` samples in place (same size:
-    the tar stays valid); a label digit becomes another valid label. Returns their keys."""
-    p = Path(manifest).parent / name
-    data = bytearray(p.read_bytes())
-    keys = []
-    with tarfile.open(p) as tf:
-        for ti in tf.getmembers():
-            if ti.name.endswith("." + ext) and len(keys) < n:
-                keys.append(ti.name.rsplit(".", 1)[0])
-                i = ti.offset_data + min(at, ti.size - 1)
-                data[i] = ord("0") + (data[i] - ord("0") + 1) % 10 if ext == "cls" else \
-                    data[i] ^ 0x01
-    p.write_bytes(bytes(data))
-    return keys
-
-
 def test_good_shards_have_a_crc_per_sample_and_read_every_sample(shards):
     m = read_manifest(shards)
     assert m.sample_crc
@@ -70,7 +59,7 @@ def test_good_shards_have_a_crc_per_sample_and_read_every_sample(shards):
 
 @pytest.mark.parametrize("ext", ["cls", "png"])
 def test_changed_byte_is_a_counted_skip_naming_shard_and_key(shards, caplog, ext):
-    keys = _flip(shards, SHARD, ext, at=40)
+    keys = flip_member_byte(shards, SHARD, ext, at=40)
     loader, labels, seen = _eval(shards, max_bad_fraction=0.01)
     assert loader.bad_samples == 1 and loader.bad_keys == [(SHARD, keys[0])]
     assert int((labels >= 0).sum()) == 499 and keys[0] not in seen
@@ -87,7 +76,7 @@ def test_changed_byte_is_a_counted_skip_naming_shard_and_key(shards, caplog, ext
 
 
 def test_too_many_changed_labels_is_a_named_error(shards):
-    _flip(shards, SHARD, "cls", n=5)
+    flip_member_byte(shards, SHARD, "cls", n=5)
     loader = make_loader(shards, "train", 16, num_workers=2, max_bad_fraction=0.001)
     with pytest.raises(DataError, match=f"too many bad samples.*{SHARD}.*checksum mismatch"):
         list(loader)

@@ -65,6 +65,23 @@ def rewrite_tar(path: Path, edit) -> None:
     path.write_bytes(buf.getvalue())
 
 
+def flip_member_byte(manifest: str, name: str, ext: str, n: int = 1, at: int = 0) -> list[str]:
+    """Change one byte of the ``ext`` member of the first ``n`` samples in place (same size:
+    the tar stays valid); a label digit becomes another valid label. Returns their keys."""
+    p = Path(manifest).parent / name
+    data = bytearray(p.read_bytes())
+    keys = []
+    with tarfile.open(p) as tf:
+        for ti in tf.getmembers():
+            if ti.name.endswith("." + ext) and len(keys) < n:
+                keys.append(ti.name.rsplit(".", 1)[0])
+                i = ti.offset_data + min(at, ti.size - 1)
+                data[i] = ord("0") + (data[i] - ord("0") + 1) % 10 if ext == "cls" else \
+                    data[i] ^ 0x01
+    p.write_bytes(bytes(data))
+    return keys
+
+
 def refresh_manifest(manifest_uri: str) -> None:
     """Make a test-modified shard consistent with the manifest again (size + hashes)."""
     import hashlib
