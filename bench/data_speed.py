@@ -10,6 +10,9 @@ same transform (vitpipe's eval transform) and 2 worker processes for all:
   ``DataLoader(shuffle=True)``, as usually written.
 * ``imagefolder_tuned``: ImageFolder with the shard loader's decoder and per-batch tail, so it
   differs from ``wds`` only in reading one file per image.
+* ``wds_nocrc``: ``wds`` without the per-sample ``.crc`` check (``verify_sample_crc=False``);
+  ``crc_cost`` (and ``crc_cost_cpu``) is ``1 - wds / wds_nocrc``: what integrity by default
+  costs.
 * ``decode``: the ceiling: the encoded bytes already in memory, the same decoder and split
   transform, stacked (straight into shared memory, as the shard loader does), in 2 workers.
 
@@ -150,7 +153,8 @@ def _time(loader) -> tuple[float, float, int]:
     return dt, _cpu() - c0, n
 
 
-def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int) -> dict[str, float]:
+def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int,
+              only: set[str] | None = None) -> dict[str, float]:
     from torchvision.datasets import ImageFolder
 
     t0 = time.perf_counter()
@@ -177,22 +181,32 @@ def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int) -> dict[s
 
     loaders = {
         "wds": lambda: make_loader(m.uri, "train", batch, num_workers=WORKERS, transform=tf),
+        "wds_nocrc": lambda: make_loader(m.uri, "train", batch, num_workers=WORKERS, transform=tf,
+                                         verify_sample_crc=False),
         "imagefolder": lambda: dl(folder, batch_size=batch, shuffle=True, drop_last=True),
         "imagefolder_tuned": lambda: dl(folder_tuned, batch_size=batch, shuffle=True,
                                         drop_last=True, collate_fn=_BatchTail(tail)),
         "decode": lambda: dl(_InMemory(blobs, labels, tf, batch, m.channels), batch_size=None),
     }
+    if only:
+        loaders = {k: v for k, v in loaders.items() if k in only}
     best = dict.fromkeys(loaders, 0.0)
     per_cpu = dict.fromkeys(loaders, 0.0)
-    for _ in range(reps):  # interleaved, best of reps: the machine is shared
-        for key, make in loaders.items():
+    for rep in range(reps):  # interleaved (order alternating), best of reps: a shared machine
+        for key, make in (list(loaders.items()) if rep % 2 == 0 else
+                          list(loaders.items())[::-1]):
             dt, cpu, n = _time(make())
             best[key] = max(best[key], n / dt)
             per_cpu[key] = max(per_cpu[key], n / cpu)
     res = {"images": len(blobs), "shard_s": round(shard_s, 1),
            **{f"{k}_img_s": round(v, 1) for k, v in best.items()},
            **{f"{k}_img_per_cpu_s": round(v, 1) for k, v in per_cpu.items()}}
+    if "wds" in best and "wds_nocrc" in best:
+        res["crc_cost"] = round(1 - best["wds"] / best["wds_nocrc"], 4)
+        res["crc_cost_cpu"] = round(1 - per_cpu["wds"] / per_cpu["wds_nocrc"], 4)
     for base in ("imagefolder", "imagefolder_tuned", "decode"):
+        if base not in best or "wds" not in best:
+            continue
         tag = "decode_ceiling" if base == "decode" else base
         res[f"wds_over_{tag}"] = round(best["wds"] / best[base], 3)
         res[f"wds_over_{tag}_cpu"] = round(per_cpu["wds"] / per_cpu[base], 3)
@@ -209,9 +223,12 @@ def main() -> None:
     ap.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--work-dir", help="keep files here (default: a temp dir, removed)")
     ap.add_argument("--only", choices=["fmnist", "color"], help="one set (JSON: its keys only)")
+    ap.add_argument("--loaders", help="comma-separated subset of wds,wds_nocrc,imagefolder,"
+                    "imagefolder_tuned,decode (default: all); e.g. wds,wds_nocrc for crc_cost")
     args = ap.parse_args()
     if args.quick:
         args.fmnist_count, args.color_count, args.reps = 2000, 2000, 1
+    only = set(args.loaders.split(",")) if args.loaders else None
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vitpipe-bench-"))
@@ -227,10 +244,10 @@ def main() -> None:
         fm = co = None
         if args.only != "color":
             fm = bench_set("fashion_mnist", work / "fmnist", work / "fmnist_shards", 256,
-                           args.reps)
+                           args.reps, only)
         if args.only != "fmnist":
             co = bench_set("color_224_jpeg", work / "color", work / "color_shards", 64,
-                           args.reps)
+                           args.reps, only)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -238,7 +255,8 @@ def main() -> None:
     for prefix, res in (("", fm), ("color_", co)):
         if res is not None:
             out.update({f"{prefix}{k}": v for k, v in res.items()
-                        if k.endswith(("_img_s", "_cpu_s")) or k.startswith("wds_over")})
+                        if k.endswith(("_img_s", "_cpu_s"))
+                        or k.startswith(("wds_over", "crc_cost"))})
             out[f"{prefix or 'fmnist_'}images"] = res["images"]
     out.update(workers=WORKERS, cpus=os.cpu_count())
     print(json.dumps(out))

@@ -65,6 +65,23 @@ def rewrite_tar(path: Path, edit) -> None:
     path.write_bytes(buf.getvalue())
 
 
+def flip_member_byte(manifest: str, name: str, ext: str, n: int = 1, at: int = 0) -> list[str]:
+    """Change one byte of the ``ext`` member of the first ``n`` samples in place (same size:
+    the tar stays valid); a label digit becomes another valid label. Returns their keys."""
+    p = Path(manifest).parent / name
+    data = bytearray(p.read_bytes())
+    keys = []
+    with tarfile.open(p) as tf:
+        for ti in tf.getmembers():
+            if ti.name.endswith("." + ext) and len(keys) < n:
+                keys.append(ti.name.rsplit(".", 1)[0])
+                i = ti.offset_data + min(at, ti.size - 1)
+                data[i] = ord("0") + (data[i] - ord("0") + 1) % 10 if ext == "cls" else \
+                    data[i] ^ 0x01
+    p.write_bytes(bytes(data))
+    return keys
+
+
 def refresh_manifest(manifest_uri: str) -> None:
     """Make a test-modified shard consistent with the manifest again (size + hashes)."""
     import hashlib
@@ -103,7 +120,8 @@ def test_small_shards_manifest_matches_files(tmp_path_factory):
             assert (len(data), hashlib.sha256(data).hexdigest()) == (s.bytes, s.sha256)
             with tarfile.open(url) as tf:
                 names = tf.getnames()
-            assert len(names) == 2 * s.count and all(n.endswith((".png", ".cls")) for n in names)
+            assert len(names) == 3 * s.count
+            assert all(n.endswith((".png", ".cls", ".crc")) for n in names)
     assert m.digest == dataset_digest(m.splits)
     assert m.channels == 1 and m.image_size == (28, 28) and m.image_format == "png"
     assert 0.25 < m.mean[0] < 0.32 and 0.32 < m.std[0] < 0.38  # Fashion-MNIST: 0.286, 0.353

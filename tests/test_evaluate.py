@@ -79,3 +79,32 @@ def test_ema_weights_and_bad_weights(trained):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(bad))
     with pytest.raises(CheckpointError, match="another architecture"):
         evaluate(_cfg(tmp, shards, f"weights={bad}"))
+
+
+def test_skipped_samples_are_mlflow_metrics_per_split(trained, tmp_path):
+    """A changed byte in a test, train and val sample: evaluation and training skip it, count
+    it per split in MLflow and name it in metrics.json."""
+    from tests.test_data_support import copy_shards, flip_member_byte
+    from vitpipe.data import read_manifest
+    from vitpipe.evaluate import evaluate
+
+    tmp, shards, res = trained
+    bad = copy_shards(shards, tmp_path / "shards")
+    m = read_manifest(bad)
+    flipped = {split: flip_member_byte(bad, m.splits[split].shards[0].name, "cls")[0]
+               for split in ("train", "val", "test")}
+    out = evaluate(_cfg(tmp_path, bad, f"weights={tmp}/out/model.safetensors",
+                        "num_attention_images=2", "data.max_bad_fraction=0.05"))
+    assert out["skipped_samples_test"] == 1 and out["test_num_samples"] == 299
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(out["run_id"]).data.metrics["skipped_samples_test"] == 1
+    payload = json.loads(Path(out["artifacts"]["metrics_json"]).read_text())
+    assert payload["skipped_samples"] == [{"shard": m.splits["test"].shards[0].name,
+                                           "key": flipped["test"]}]
+    # training: per epoch, summed over ranks (and 0 for a clean split)
+    res = train(train_cfg(tmp_path / "t", bad, "data.batch_size=40", "train.epochs=2",
+                          "data.max_bad_fraction=0.05"))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/t/mlflow.db")
+    hist = {k: [mm.value for mm in client.get_metric_history(res["run_id"], k)]
+            for k in ("skipped_samples_train", "skipped_samples_val")}
+    assert hist == {"skipped_samples_train": [1.0, 1.0], "skipped_samples_val": [1.0, 1.0]}

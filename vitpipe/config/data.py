@@ -84,5 +84,8 @@ class DataConfig(StrictModel):
     shuffle_buffer: int = Field(2000, ge=0)
     max_bad_fraction: float = Field(0.001, ge=0, le=1)
     verify_sha256: bool = False  # hash every shard before reading (slow on big data)
+    # check each sample's .crc member (CRC-32 of its label + image, written by `vitpipe shard`):
+    # a mismatch is a counted skip (max_bad_fraction); shards without .crc are read unchecked
+    verify_sample_crc: bool = True
     augment: AugmentConfig = AugmentConfig()
     s3: S3Config = S3Config()

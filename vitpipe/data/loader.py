@@ -15,6 +15,10 @@ Guarantees (see :mod:`vitpipe.data.plan` for how):
   label ``-1`` pad. Past ``max_bad_fraction`` of a worker's samples the loader raises
   :class:`DataError` naming the worst shards. Unreadable shards count all their missing samples
   as bad; unsafe shards (absolute/``..`` member paths) fail at once.
+* Integrity, by default (``data.verify_sample_crc``): each sample's ``.crc`` member (CRC-32 of
+  its label and image, written by ``vitpipe shard``) is checked before decoding; a changed byte
+  is a bad sample as above. Shard sets made before ``.crc`` existed are read unchecked (one log
+  line). ``verify_sha256`` additionally hashes whole shards against the manifest.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .. import storage
 from ..config.data import DataConfig, S3Config
 from ..errors import DataError
 from . import images
-from .manifest import Manifest, read_manifest
+from .manifest import CRC_EXT, Manifest, read_manifest, sample_crc
 from .plan import PAD, EpochPlan, WorkerPlan, make_plan
 from .tario import ShardError, TarCursor, UnsafeShardError
 from .transforms import split_batchable, transform_batch
@@ -62,6 +66,7 @@ register_s3_gopen()
 
 
 _IMAGE_EXTS = frozenset(images.IMAGE_EXTS)
+_MAX_KEYS = 10_000  # damaged samples' keys a worker reports back (all are counted)
 
 
 @dataclass
@@ -78,6 +83,7 @@ class WorkerReport:
     padded: int = 0
     bad: Counter = field(default_factory=Counter)
     reasons: dict[str, str] = field(default_factory=dict)
+    keys: list[tuple[int, str]] = field(default_factory=list)  # (shard, key) of damaged samples
 
 
 @dataclass
@@ -149,9 +155,11 @@ class _EpochDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, manifest: Manifest, plan: EpochPlan, transform: Callable | None,
                  s3: S3Config | None, max_bad_fraction: float, with_keys: bool,
-                 physical_workers: int, decode: str = "tensor"):
+                 physical_workers: int, decode: str = "tensor", verify_crc: bool = True):
         super().__init__()
         self.decode = decode
+        self.verify_crc = verify_crc
+        self.crc_required = verify_crc and manifest.sample_crc
         self.num_classes = len(manifest.classes)
         self.channels = manifest.channels
         self.image_ext = ""  # the image member's extension, once seen
@@ -199,17 +207,37 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             f"{names[s].name} ({n} bad: {report.reasons.get(str(s), 'corrupt images')})"
             for s, n in report.bad.most_common(3))
 
-    def _bad(self, wp: WorkerPlan, report: WorkerReport, shard: int, key: str, reason: str
-             ) -> None:
+    def _bad(self, wp: WorkerPlan, report: WorkerReport, shard: int, key: str, reason: str,
+             lost: bool = False) -> None:
+        """Count a bad sample; ``lost``: one of an unreadable shard's samples (logged 3 times
+        per shard; a damaged sample is logged every time, with its key)."""
         report.bad[shard] += 1
         report.reasons.setdefault(str(shard), reason)
         name = self.manifest.split(self.plan.split).shards[shard].name
-        if report.bad[shard] <= 3:  # a lost shard would otherwise log every one of its samples
+        if not lost:
+            if len(report.keys) < _MAX_KEYS:
+                report.keys.append((shard, key))
+            log.warning("skipping sample %s in shard %s: %s", key, name, reason)
+        elif report.bad[shard] <= 3:  # a lost shard would otherwise log every one of its samples
             more = " (more in this shard: counted, not logged)" if report.bad[shard] == 3 else ""
             log.warning("skipping sample %s in shard %s: %s%s", key, name, reason, more)
         self._budget_check(wp, report)
 
     def _decode(self, key: str, members: dict[str, bytes]) -> tuple[Any, int]:
+        if self.verify_crc:
+            stored = members.get(CRC_EXT)
+            if stored is not None:
+                try:
+                    want = int(stored, 16)
+                except ValueError:
+                    raise DataError(f"bad .crc member {bytes(stored[:20])!r}") from None
+                got = sample_crc(members)
+                if got != want:
+                    raise DataError(f"checksum mismatch: crc32 {got:08x}, the sample's .crc says "
+                                    f"{want:08x} (its bytes changed after `vitpipe shard` wrote "
+                                    "them)")
+            elif self.crc_required:
+                raise DataError("no .crc checksum member (this shard set has one per sample)")
         data = members.get(self.image_ext)  # a shard's samples all have the same members
         if data is None:
             for e in members:
@@ -310,7 +338,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                         keys.append(key)
                         continue
                 elif item is not None:
-                    self._bad(wp, report, item.shard, item.key, item.reason)
+                    self._bad(wp, report, item.shard, item.key, item.reason, lost=True)
                 elif not train:
                     report.padded += 1
                 # a bad sample, or padding
@@ -379,6 +407,7 @@ class _Stop(Exception):
         self.message = message
 
 
+_unchecked_logged: set[str] = set()  # shard sets without .crc members, logged once each
 _sha_cache: dict[tuple[str, str], bool] = {}
 _sha_lock = threading.Lock()
 
@@ -420,6 +449,13 @@ class ShardLoader:
         return sum(sum(r.bad.values()) for r in self.reports)
 
     @property
+    def bad_keys(self) -> list[tuple[str, str]]:
+        """(shard name, key) of each damaged sample skipped (samples of unreadable shards are
+        counted in :attr:`bad_samples` only)."""
+        names = self.manifest.split(self.plan.split).shards
+        return [(names[s].name, k) for r in self.reports for s, k in r.keys]
+
+    @property
     def samples(self) -> int:
         return sum(r.samples for r in self.reports)
 
@@ -458,6 +494,7 @@ def make_loader(manifest_uri: str | Manifest, split: str, batch_size: int, rank:
                 transform: Callable | None = None, *, seed: int = 0, train: bool = True,
                 start_sample: int = 0, shuffle_buffer: int | None = None,
                 max_bad_fraction: float | None = None, verify_sha256: bool | None = None,
+                verify_sample_crc: bool | None = None,
                 s3: S3Config | None = None, data: DataConfig | None = None,
                 with_keys: bool = False, pin_memory: bool = False,
                 prefetch_factor: int = 2, decode: str = "tensor") -> ShardLoader:
@@ -483,9 +520,15 @@ def make_loader(manifest_uri: str | Manifest, split: str, batch_size: int, rank:
     log.info("data plan (rank %d/%d): %s", rank, world_size, plan.derivation())
     if verify_sha256 if verify_sha256 is not None else d.verify_sha256:
         _verify(manifest, split, {int(s) for s in np.unique(plan.shard) if s != PAD}, s3)
+    verify_crc = d.verify_sample_crc if verify_sample_crc is None else verify_sample_crc
+    if verify_crc and not manifest.sample_crc and manifest.base not in _unchecked_logged:
+        _unchecked_logged.add(manifest.base)
+        log.info("shards under %s have no per-sample .crc members (made by an older vitpipe): "
+                 "read without per-sample checksums; re-run `vitpipe shard --overwrite` to add "
+                 "them", manifest.base)
     dataset = _EpochDataset(manifest, plan, transform, s3,
                             d.max_bad_fraction if max_bad_fraction is None else max_bad_fraction,
-                            with_keys, num_workers, decode)
+                            with_keys, num_workers, decode, verify_crc)
     import webdataset as wds
 
     kw: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}

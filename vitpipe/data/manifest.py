@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -19,6 +21,24 @@ from ..errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vitpipe.shards/v1"
+CRC_EXT = "crc"  # the per-sample checksum member: 8 hex digits, see sample_crc
+
+
+def sample_crc(members: Mapping[str, bytes | bytearray | memoryview]) -> int:
+    """CRC-32 over a sample's other members, in sorted extension order, each as
+    ``ext NUL bytes``: a changed label, image byte or member name changes it. ``vitpipe shard``
+    stores it as the ``.crc`` member (8 hex digits); the loader checks it on read."""
+    c = 0
+    for ext in sorted(members):
+        if ext != CRC_EXT:
+            p = _PREFIX.get(ext)
+            if p is None:
+                p = _PREFIX[ext] = ext.encode() + b"\0"
+            c = zlib.crc32(members[ext], zlib.crc32(p, c))
+    return c
+
+
+_PREFIX: dict[str, bytes] = {}  # ext -> b"ext\0" (on small images the encode shows)
 
 
 class ManifestNotFound(DataError):
@@ -75,6 +95,7 @@ class Manifest(BaseModel):
     digest: str
     created_at: str
     vitpipe_version: str = ""
+    sample_crc: bool = False  # every sample has a .crc member (older shard sets: none)
     _base: str = PrivateAttr(default="")
 
     @property

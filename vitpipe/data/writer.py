@@ -11,6 +11,9 @@ Why it looks like this:
   reader could take for complete. Overwriting deletes the old manifest first.
 * Images are fully decoded while writing (a corrupt source image fails here, naming the file),
   converted to the dataset's channels, and summed into per-channel mean/std.
+* Every sample gets a ``.crc`` member (:func:`~vitpipe.data.manifest.sample_crc`: CRC-32 of its
+  label and image members), which the loader checks by default: a changed byte is a counted
+  skip naming the shard and key, not silently different training data.
 * The train split is stored in a seeded shuffled order (val is carved from it by the same
   permutation when the source has no val split), so each shard holds a class mix.
 """
@@ -36,6 +39,7 @@ from ..config.data import ShardConfig
 from ..errors import DataError
 from . import images
 from .manifest import (
+    CRC_EXT,
     MANIFEST_NAME,
     Manifest,
     ManifestNotFound,
@@ -43,6 +47,7 @@ from .manifest import (
     SplitInfo,
     dataset_digest,
     read_manifest,
+    sample_crc,
     split_digest,
     write_manifest,
 )
@@ -171,7 +176,9 @@ def _write_task(task: _Task) -> _Result:
             res.sizes.add((conv.height, conv.width))
             ext, data = _encode(s.data, img, mode, cfg)
             res.exts.add(ext)
-            writer.write({"__key__": s.key, ext: data, "cls": str(s.label).encode()})
+            members = {ext: data, "cls": str(s.label).encode()}
+            members[CRC_EXT] = b"%08x" % sample_crc(members)
+            writer.write({"__key__": s.key, **members})
             done += 1
             if counter is not None and done % 64 == 0:
                 with counter.get_lock():
@@ -268,7 +275,7 @@ def _assemble(results: list[_Result], source: Source, cfg: ShardConfig, channels
         image_size=next(iter(sizes)) if len(sizes) == 1 else None,
         image_format="+".join(sorted(exts)), mean=train_mean, std=train_std, splits=splits,
         digest=dataset_digest(splits), created_at=datetime.now(timezone.utc).isoformat(),
-        vitpipe_version=version,
+        vitpipe_version=version, sample_crc=True,
     )
 
 

@@ -113,12 +113,16 @@ def _evaluate(cfg: EvaluateConfig, acc) -> dict[str, Any]:
                          num_workers=cfg.data.num_workers, transform=tf, train=False,
                          data=cfg.data)
     logits, labels = gather_logits(acc, model, loader)
+    skipped = _skipped(acc, loader)  # before the loader is iterated again (attention images)
     expected = int(manifest.splits[cfg.split].count)
-    if labels.numel() != expected:
-        raise CheckpointError(f"evaluated {labels.numel()} samples of '{cfg.split}' but the "
-                              f"manifest lists {expected}; the loader dropped or duplicated data")
+    if labels.numel() + int(skipped["count"]) != expected:
+        raise CheckpointError(f"evaluated {labels.numel()} samples of '{cfg.split}' (and "
+                              f"skipped {int(skipped['count'])} bad ones) but the manifest lists "
+                              f"{expected}; the loader dropped or duplicated data")
     scalars, details = classification_metrics(logits, labels, len(classes), cfg.split, classes,
                                               cfg.ece_bins)
+    scalars[f"skipped_samples_{cfg.split}"] = float(skipped["count"])
+    details["skipped_samples"] = skipped["keys"]
     artifacts: dict[str, str] = {}
     if acc.is_main_process:
         s = cfg.split
@@ -155,6 +159,18 @@ def _evaluate(cfg: EvaluateConfig, acc) -> dict[str, Any]:
     return {**scalars, "per_class_accuracy": details["per_class_accuracy"],
             "confusion_matrix": details["confusion_matrix"], "artifacts": artifacts,
             "run_id": cfg.run_id or tracker.run_id, "split": cfg.split}
+
+
+def _skipped(acc, loader: Any) -> dict[str, Any]:
+    """Bad samples skipped, over all ranks: their count, and (shard, key) of each damaged one."""
+    keys = [{"shard": sh, "key": k} for sh, k in loader.bad_keys]
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = gather_object([keys])
+        keys = [k for part in keys for k in part]
+    n = torch.tensor([float(loader.bad_samples)], device=acc.device)
+    return {"count": int(acc.reduce(n, reduction="sum")[0]), "keys": keys}
 
 
 def _first_images(loader: Any, n: int, classes: list[str]) -> tuple[torch.Tensor, list[str]]:

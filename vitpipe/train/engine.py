@@ -104,6 +104,8 @@ def _batches(loader: Any, n: int, seed: int) -> Iterator[tuple[torch.Tensor, tor
         except StopIteration:
             raise TrainingError(f"the training loader ended after {i} batches; "
                                 f"len(loader) promised {n}") from None
+    if n >= len(loader):  # the whole epoch: let the loader finish (its workers' skip counts)
+        next(it, None)
 
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -133,6 +135,12 @@ def top1(acc, model: torch.nn.Module, loader: Any) -> float:
     model.train(was)
     counts = acc.reduce(counts, reduction="sum")
     return float(counts[0] / counts[1].clamp_min(1))
+
+
+def skipped_samples(acc, loader: Any) -> float:
+    """Bad samples the loader skipped in its last full pass, summed over ranks."""
+    n = torch.tensor([float(getattr(loader, "bad_samples", 0))], device=acc.device)
+    return float(acc.reduce(n, reduction="sum")[0])
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -431,9 +439,12 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
         el = acc.reduce(epoch_loss, reduction="sum")
         if el[1] > 0:
             epoch_metrics["epoch_loss"] = float(el[0] / el[1])
+        if finished_epoch:  # bad samples skipped in this epoch's pass (0 when all were good)
+            epoch_metrics["skipped_samples_train"] = skipped_samples(acc, loader)
         last = cursor.step >= plan.total_steps
         if val_loader is not None and (last or (finished_epoch and cursor.epoch % eval_every == 0)):
             epoch_metrics["val_top1"] = top1(acc, model, val_loader)
+            epoch_metrics["skipped_samples_val"] = skipped_samples(acc, val_loader)
             if ema is not None:
                 epoch_metrics["val_top1_ema"] = top1(acc, ema.module, val_loader)
         tracker.log_metrics(epoch_metrics, step=cursor.step)
