@@ -166,7 +166,7 @@ class StageRunner:
                                           f"{timeout:.0f}s (orchestration.stage_timeout_seconds)")
                     time.sleep(poll)
         except BaseException:
-            # PITFALLS: an un-awaited child outlives a cancelled parent.
+            # Prefect: a child flow run that is not awaited outlives a cancelled parent.
             with get_client(sync_client=True) as client:
                 run = client.read_flow_run(child.id)
                 if run.state is None or not run.state.is_final():

@@ -3,7 +3,8 @@
 Parameters are the stage's typed config (the Prefect UI renders its JSON schema and the server
 validates deployment parameters against it); results are small JSON dicts (URIs, MLflow run
 ids, model versions, metrics), persisted as JSON so a parent pipeline started through
-``run_deployment`` can read them (PITFALLS: a child's return value needs persisted results).
+``run_deployment`` can read them (Prefect docs, "Results": a child's return value must be
+persisted to be read).
 Each flow publishes its own artifact and reports ``seconds``, its own wall time, so the
 pipeline can measure orchestration overhead.
 """

@@ -109,7 +109,7 @@ def test_checkpoint_from_another_architecture(acc, tmp_path):
 
 @pytest.mark.parametrize("kind", ["vit_tiny_conv4_28", "mae", "avg_pool_factorized"])
 def test_round_trip_per_model_config(acc, tmp_path, kind):
-    """PITFALLS (accelerate #2807): save_state/load_state must round-trip every model shape."""
+    """accelerate #2807: save_state/load_state must round-trip every model shape."""
     from vitpipe.config import MAEConfig, ModelConfig
     from vitpipe.models import build_mae
 

@@ -2,7 +2,7 @@
 
     python infra/work-pools/build.py        # rewrites docker.json, kubernetes*.json here
 
-Each template is the installed worker's default plus what training needs (PITFALLS, Prefect):
+Each template is the installed worker's default base job template plus what training needs:
 - docker: the vitpipe image, GPUs through ``container_create_kwargs.device_requests`` (the
   Docker pool has no NVIDIA-runtime field), a large /dev/shm for loader workers, the shared
   work volume, the compose network.

@@ -47,7 +47,7 @@ class LaunchConfig(StrictModel):
     newest checkpoint). With deployments the stage flow's own retries come from
     ``VITPIPE_TRAIN_RETRIES`` in the worker/job environment (default 2, fixed when the flow is
     loaded), and ``max_retries`` bounds how often the pipeline resubmits a stage run whose
-    infrastructure crashed (Prefect does not retry crashes, PITFALLS).
+    infrastructure crashed (Prefect retries failed flow runs, not crashed ones).
     """
 
     num_processes: int = Field(1, ge=1)

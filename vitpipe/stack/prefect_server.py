@@ -2,7 +2,7 @@
 
 Both run as :class:`ManagedProcess` children in their own sessions on 127.0.0.1, with all state
 (SQLite database, result storage, logs) under one directory, so a test or a laptop stack never
-touches ``~/.prefect``. The worker polls every second (PITFALLS: the default 10 s poll makes
+touches ``~/.prefect``. The worker polls every second (Prefect's default 10 s poll makes
 every stage start slowly).
 """
 
@@ -95,7 +95,7 @@ def create_work_pool(api_url: str, name: str, pool_type: str, home: Path,
 def create_pools(api_url: str, home: Path, templates: Path,
                  pools: dict[str, tuple[str, str | None]] | None = None) -> list[str]:
     """Create or update vitpipe's work pools with their base job templates; GPU pools get a
-    concurrency limit of 1 (one training run owns the GPUs; PITFALLS #16127).
+    concurrency limit of 1 (one training run owns the GPUs; prefect #16127).
 
     Talks to the API in-process (one import of Prefect instead of one CLI process per pool).
     """
