@@ -69,17 +69,24 @@ def test_status_and_down_without_a_stack_say_so(tmp_path: Path, capsys) -> None:
     assert "nothing was started with `stack up`" in err
 
 
+def _listener(port: int) -> socket.socket:
+    """Listen on ``port`` as a real server would: with SO_REUSEADDR, so the TIME_WAIT
+    connections a just-stopped server leaves behind do not block the bind (only a live
+    listener does, which is what the tests must catch)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
 def test_plan_ports_reuses_recorded_ports_and_reports_taken_ones(tmp_path: Path) -> None:
     first, changes = plan_ports(tmp_path)
     assert changes == [] and set(first) == set(SPEC)
     save_ports(tmp_path, first)
     assert plan_ports(tmp_path) == (first, [])
     # another program now listens on the recorded MLflow port (and on S3's gRPC pair)
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", first["mlflow"]))
-        a.listen()
-        b.bind(("127.0.0.1", first["s3.s3"] + 10000))
-        b.listen()
+    with _listener(first["mlflow"]), _listener(first["s3.s3"] + 10000):
         again, changes = plan_ports(tmp_path)
     assert again["mlflow"] != first["mlflow"] and again["s3.s3"] != first["s3.s3"]
     assert {k: v for k, v in again.items() if k not in ("mlflow", "s3.s3")} == {
@@ -117,9 +124,7 @@ def test_stack_restart_keeps_ports_and_keys_and_env_prints_them(tmp_path: Path) 
     finally:
         assert _vitpipe("stack", "down", "--dir", d).returncode == 0
     mlflow_port = int(env1["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1])
-    with socket.socket() as squatter:  # another program took MLflow's port meanwhile
-        squatter.bind(("127.0.0.1", mlflow_port))
-        squatter.listen()
+    with _listener(mlflow_port):  # another program took MLflow's port meanwhile
         res = _vitpipe("stack", "up", "--dir", d)
         try:
             assert res.returncode == 0, res.stdout + res.stderr
