@@ -24,6 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from vitpipe.stack.prefect_server import POOLS
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 BIN = Path(sys.executable).parent
@@ -149,6 +151,7 @@ def test_work_pool_templates_are_up_to_date() -> None:
     finally:
         sys.path.pop(0)
     for name, tmpl in (("docker.json", build.docker_template()),
+                       ("docker-gpu.json", build.docker_template(gpu=True)),
                        ("kubernetes.json", build.kubernetes_template()),
                        ("kubernetes-multinode.json", build.kubernetes_template(multinode=True))):
         committed = json.loads((INFRA / "work-pools" / name).read_text())
@@ -177,9 +180,9 @@ def test_docker_gpu_template_renders_image_gpus_and_env(prefect_server) -> None:
     import docker.types
     from prefect_docker.worker import DockerWorkerJobConfiguration
 
-    template = json.loads((INFRA / "work-pools" / "docker.json").read_text())
+    template = json.loads((INFRA / "work-pools" / "docker-gpu.json").read_text())
     pool, job_vars = _pool_vars("docker", "finetune")
-    assert pool == "vitpipe-docker-gpu"
+    assert pool == "vitpipe-docker-gpu" and POOLS[pool][1] == "docker-gpu.json"
     values = {**job_vars, "env": {"VITPIPE_TRAIN_RETRIES": "3"}}
     cfg = _render(DockerWorkerJobConfiguration, template, values, prefect_server.api_url)
     cfg.prepare_for_flow_run(_flow_run())
@@ -194,8 +197,9 @@ def test_docker_gpu_template_renders_image_gpus_and_env(prefect_server) -> None:
     req = host["DeviceRequests"][0]
     assert req["Driver"] == "nvidia" and req["Count"] == -1 and req["Capabilities"] == [["gpu"]]
     # CPU stages ask for no GPU at all.
-    _, cpu_vars = _pool_vars("docker", "shard")
-    cpu = _render(DockerWorkerJobConfiguration, template, cpu_vars, prefect_server.api_url)
+    cpu_pool, cpu_vars = _pool_vars("docker", "shard")
+    cpu_template = json.loads((INFRA / "work-pools" / POOLS[cpu_pool][1]).read_text())
+    cpu = _render(DockerWorkerJobConfiguration, cpu_template, cpu_vars, prefect_server.api_url)
     assert cpu.container_create_kwargs["device_requests"] == []
 
 

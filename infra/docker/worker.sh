@@ -10,5 +10,9 @@ umask 077
 env | grep -E '^(AWS_|MLFLOW_|PREFECT_API_URL=|PREFECT_LOCAL_STORAGE_PATH=|VITPIPE_)' \
     | sed 's/^\([^=]*\)=\(.*\)$/\1='"'"'\2'"'"'/' > "$dir/vitpipe.env"
 chown -R 10001:10001 "$dir" /var/lib/vitpipe
+case "$pool" in
+    *-gpu) template=docker-gpu.json ;;  # all GPUs by default (device_requests)
+    *) template=docker.json ;;
+esac
 exec prefect worker start --pool "$pool" --type docker \
-    --base-job-template /opt/vitpipe/infra/work-pools/docker.json --install-policy never "$@"
+    --base-job-template "/opt/vitpipe/infra/work-pools/$template" --install-policy never "$@"

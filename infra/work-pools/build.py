@@ -31,22 +31,25 @@ def _var(schema: dict[str, Any], title: str, description: str) -> dict[str, Any]
     return {"title": title, "description": description, **schema}
 
 
-def docker_template() -> dict[str, Any]:
+def docker_template(gpu: bool = False) -> dict[str, Any]:
+    """``gpu``: the training pool's template (docker-gpu.json): all the host's GPUs by default."""
     from prefect_docker.worker import DockerWorker
 
     t = copy.deepcopy(DockerWorker.get_default_base_job_template())
     props = t["variables"]["properties"]
     props["image"]["default"] = IMAGE
-    props["volumes"]["default"] = [f"vitpipe-work:{WORK_MOUNT}"]
+    # the shared work volume (results, secrets file) and the host's datasets (read-only)
+    props["volumes"]["default"] = [f"vitpipe-work:{WORK_MOUNT}", "/data:/data:ro"]
     props["networks"]["default"] = ["vitpipe"]
     props["auto_remove"]["default"] = True
+    gpus = [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}] if gpu else []
     props["device_requests"] = _var(
-        {"type": "array", "items": {"type": "object"}, "default": []},
+        {"type": "array", "items": {"type": "object"}, "default": gpus},
         "GPU device requests",
         "docker-py DeviceRequest dicts, e.g. [{driver: nvidia, count: -1, "
         "capabilities: [[gpu]]}] for all GPUs; [] for CPU stages",
     )
-    props["shm_size"] = _var({"type": "string", "default": "8g"}, "Shared memory",
+    props["shm_size"] = _var({"type": "string", "default": "16g" if gpu else "8g"}, "Shared memory",
                              "/dev/shm size (DataLoader workers share batches through it)")
     t["job_configuration"]["container_create_kwargs"] = {
         "device_requests": "{{ device_requests }}",
@@ -128,6 +131,7 @@ def kubernetes_template(multinode: bool = False) -> dict[str, Any]:
 
 def main() -> None:
     for name, tmpl in (("docker.json", docker_template()),
+                       ("docker-gpu.json", docker_template(gpu=True)),
                        ("kubernetes.json", kubernetes_template()),
                        ("kubernetes-multinode.json", kubernetes_template(multinode=True))):
         (HERE / name).write_text(json.dumps(tmpl, indent=2) + "\n")

@@ -22,7 +22,7 @@ PROCESS_POOL = "vitpipe-process"
 POOLS: dict[str, tuple[str, str | None]] = {
     PROCESS_POOL: ("process", None),
     "vitpipe-docker": ("docker", "docker.json"),
-    "vitpipe-docker-gpu": ("docker", "docker.json"),
+    "vitpipe-docker-gpu": ("docker", "docker-gpu.json"),
     "vitpipe-k8s": ("kubernetes", "kubernetes.json"),
     "vitpipe-k8s-gpu": ("kubernetes", "kubernetes.json"),
     "vitpipe-k8s-multinode": ("kubernetes", "kubernetes-multinode.json"),
