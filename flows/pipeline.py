@@ -12,10 +12,12 @@ ephemeral mode and ends with where to look and how to serve the model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +355,28 @@ def quiet_embedded_server() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+# Prefect waits 20 s (counting only its sleeps) for the temporary server to answer; on two
+# busy cores its start (importing the whole server) takes longer, and `make run` died with
+# "Timed out while attempting to connect to ephemeral Prefect API server".
+EPHEMERAL_STARTUP_SECONDS = 180
+
+
+@contextlib.contextmanager
+def patient_embedded_server() -> Iterator[None]:
+    """Wait up to :data:`EPHEMERAL_STARTUP_SECONDS` for the temporary server, unless the user
+    set ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` themselves."""
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT,
+    )
+    from prefect.settings import temporary_settings
+
+    if TIMEOUT.name in os.environ:
+        yield
+        return
+    with temporary_settings({TIMEOUT: EPHEMERAL_STARTUP_SECONDS}):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_embedded_server()
     p = argparse.ArgumentParser(prog="python -m flows.pipeline",
@@ -363,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         resolve_config(None, args.config, args.overrides)  # fail before Prefect starts
-        summary = pipeline(preset=args.config, overrides=args.overrides)
+        with patient_embedded_server():
+            summary = pipeline(preset=args.config, overrides=args.overrides)
     except ConfigError as err:
         print(f"config error:\n{err}", file=sys.stderr)
         return 2

@@ -242,3 +242,19 @@ def test_embedded_pipeline_runs_stages_as_subflows(tmp_path: Path, tiny_shards: 
     assert str(runs / "eval") in out  # where the plots are
     assert "stages run in-process as subflows" in res.stderr + out
     assert "reused cached manifest" in res.stderr + out  # the shard stage reused the shards
+
+
+def test_embedded_server_gets_time_to_start_unless_the_user_chose(monkeypatch) -> None:
+    """`make run` on busy cores: Prefect's 20 s wait for its temporary server is too short."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+
+    from flows.pipeline import EPHEMERAL_STARTUP_SECONDS, patient_embedded_server
+
+    monkeypatch.delenv(timeout.name, raising=False)
+    before = timeout.value()
+    with patient_embedded_server():
+        assert timeout.value() == EPHEMERAL_STARTUP_SECONDS >= 120
+    assert timeout.value() == before
+    monkeypatch.setenv(timeout.name, "7")  # the user's own value is left alone
+    with patient_embedded_server():
+        assert timeout.value() == before
