@@ -195,7 +195,11 @@ def test_deployments_and_schedule_are_visible(deployed: Stack) -> None:
         assert pipe.enforce_parameter_schema
         docker_ft = c.read_deployment_by_name("finetune/docker")
         assert docker_ft.work_pool_name == "vitpipe-docker-gpu"
-        assert docker_ft.job_variables["device_requests"][0]["capabilities"] == [["gpu"]]
+        # GPUs are the GPU pool's default (infra/work-pools/docker-gpu.json), not per deployment
+        pool = c.read_work_pool(docker_ft.work_pool_name)
+        gpus = pool.base_job_template["variables"]["properties"]["device_requests"]["default"]
+        assert gpus[0]["capabilities"] == [["gpu"]]
+        assert "device_requests" not in (docker_ft.job_variables or {})
 
 
 def test_bad_parameters_fail_at_once_naming_them(deployed: Stack) -> None:
