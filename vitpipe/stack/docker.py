@@ -86,13 +86,16 @@ def stack_template(base: dict[str, Any], volume: str = VOLUME, gpus: bool = True
         if not rest.startswith(WORK_MOUNT) and src.startswith("/") and Path(src).exists():
             vols.append(v)
     props["volumes"]["default"] = vols
-    # The worker passes its own Prefect settings to every container; its paths are the host's.
-    # These are the image's own (Dockerfile ENV), on the shared volume, so a parent pipeline
-    # reads its stages' results.
+    # The worker passes its own Prefect settings to every container under their canonical
+    # names (PREFECT_RESULTS_LOCAL_STORAGE_PATH wins over the PREFECT_LOCAL_STORAGE_PATH alias),
+    # and its paths are the host's. These are the image's own, on the shared volume, so a
+    # parent pipeline reads its stages' results.
+    results = f"{WORK_MOUNT}/prefect-results"
     props["env"]["default"] = {
         "PREFECT_HOME": f"{WORK_MOUNT}/prefect",
         "PREFECT_PROFILES_PATH": f"{WORK_MOUNT}/prefect/profiles.toml",
-        "PREFECT_LOCAL_STORAGE_PATH": f"{WORK_MOUNT}/prefect-results",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": results,
+        "PREFECT_LOCAL_STORAGE_PATH": results,
     }
     if not gpus:
         props["device_requests"]["default"] = []
