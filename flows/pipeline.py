@@ -34,7 +34,7 @@ from vitpipe.config.pipeline import STAGE_NAMES
 from vitpipe.errors import VitpipeError
 
 from . import links
-from .stages import STAGE_FLOWS, TRAINING_STAGES
+from .stages import STAGE_FLOWS, TRAINING_STAGES, announce_where
 
 
 class StageFailed(VitpipeError):
@@ -220,6 +220,7 @@ def pipeline(
     """
     cfg = resolve_config(config, preset, overrides)
     log = get_run_logger()
+    announce_where(log, "pipeline")
     t0 = time.monotonic()
     runner = StageRunner(cfg)
     scope = (str(current_flow_run.get_id() or "")

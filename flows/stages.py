@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +62,26 @@ def library_logs() -> Iterator[logging.Logger]:
         lib.setLevel(old_level)
 
 
+def container_id() -> str | None:
+    """This process's Docker container id (its /etc/hostname bind mount names it), else None.
+
+    With ``network_mode: host`` the hostname is the host's, so it cannot tell containers apart.
+    """
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"/containers/([0-9a-f]{64})/", text)
+    return m.group(1) if m else None
+
+
+def announce_where(log: Any, stage: str) -> None:
+    """One log line per stage run saying where it runs: the host, and its container if any."""
+    cid = container_id()
+    log.info("%s runs on host %s%s", stage, socket.gethostname(),
+             f" in container {cid}" if cid else " (no container)")
+
+
 def _key(*parts: str) -> str:
     """An artifact key (lowercase letters, digits, dashes)."""
     raw = "-".join(parts).lower()
@@ -85,6 +107,7 @@ def shard(config: ShardConfig) -> dict[str, Any]:
 
     t0 = time.monotonic()
     with library_logs() as log:
+        announce_where(log, "shard")
         manifest_uri = f"{config.output.rstrip('/')}/manifest.json"
         before = None if config.overwrite else _manifest_fingerprint(manifest_uri, config)
         manifest_uri = shard_dataset(config)
@@ -118,6 +141,7 @@ def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[
     """Launch the trainer as a child; on a retry, resume from the newest checkpoint."""
     t0 = time.monotonic()
     log = get_run_logger()
+    announce_where(log, stage)
     attempt = flow_run.get_run_count() or 1
     resume = None
     if attempt > 1:
@@ -176,7 +200,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from vitpipe.evaluate import evaluate as evaluate_weights
 
     t0 = time.monotonic()
-    with library_logs():
+    with library_logs() as log:
+        announce_where(log, "evaluate")
         result = evaluate_weights(config)
     metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
     per_class = per_class_accuracy(result)
@@ -239,7 +264,8 @@ def register(config: RegisterConfig) -> dict[str, Any]:
     from vitpipe.registry import register as register_model
 
     t0 = time.monotonic()
-    with library_logs():
+    with library_logs() as log:
+        announce_where(log, "register")
         result = register_model(config)
     decision = result.get("decision") or {}
     title = links.model_version_link(config.tracking, result["model_name"], result.get("version"))

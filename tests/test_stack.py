@@ -142,3 +142,36 @@ def test_stack_restart_keeps_ports_and_keys_and_env_prints_them(tmp_path: Path) 
 def test_env_without_a_stack_says_so(tmp_path: Path, capsys) -> None:
     assert stack_cli("env", str(tmp_path)) == 1
     assert "nothing was started with `stack up`" in capsys.readouterr().err
+
+
+def test_docker_pool_template_for_the_local_stack(tmp_path: Path) -> None:
+    """`up --docker`: host network, the stack's volume, existing host mounts only, the image's
+    Prefect paths (not the worker's), and no GPU request on a host without GPUs."""
+    from vitpipe.stack.docker import stack_template
+
+    root = Path(__file__).resolve().parents[1] / "infra" / "work-pools"
+    gpu = json.loads((root / "docker-gpu.json").read_text())
+    data = tmp_path / "data"
+    data.mkdir()
+    gpu["variables"]["properties"]["volumes"]["default"] += [f"{data}:/data2:ro",
+                                                             "/no/such/dir:/x:ro"]
+    t = stack_template(gpu, volume="vol-x", gpus=False)
+    props = t["variables"]["properties"]
+    assert props["network_mode"]["default"] == "host" and props["networks"]["default"] == []
+    vols = props["volumes"]["default"]
+    assert vols[0] == "vol-x:/var/lib/vitpipe" and f"{data}:/data2:ro" in vols
+    assert not any(v.startswith(("vitpipe-work:", "/no/such/dir")) for v in vols)
+    env = props["env"]["default"]
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith("/var/lib/vitpipe/")
+    assert props["device_requests"]["default"] == []
+    assert gpu["variables"]["properties"]["device_requests"]["default"], "input left intact"
+    with_gpus = stack_template(gpu, volume="vol-x", gpus=True)["variables"]["properties"]
+    assert with_gpus["device_requests"]["default"][0]["driver"] == "nvidia"
+
+
+def test_docker_stack_without_a_daemon_says_what_to_run(tmp_path: Path, monkeypatch,
+                                                        capsys) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    assert stack_cli("up", str(tmp_path / "s"), docker=True) == 1
+    err = capsys.readouterr().err
+    assert "build-local.sh" in err and not (tmp_path / "s" / "stack.json").exists()

@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     from .stack import stack_cli
 
-    return stack_cli(args.action, args.dir)
+    return stack_cli(args.action, args.dir, docker=args.docker, docker_volume=args.docker_volume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,10 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("stack", help="local Prefect + MLflow + S3 stack without Docker")
+    p = sub.add_parser("stack", help="local Prefect + MLflow + S3 stack (processes; --docker: "
+                       "also Docker work pools)")
     p.add_argument("action", choices=["up", "down", "status", "env"],
                    help="env: print the `export` lines (eval \"$(vitpipe stack env)\")")
     p.add_argument("--dir", default=".stack", help="where the stack keeps its data and env file")
+    p.add_argument("--docker", action="store_true",
+                   help="up: also docker workers on vitpipe-docker(-gpu): each flow run in its "
+                        "own container of vitpipe:0.1.0 (infra/docker/build-local.sh builds it)")
+    p.add_argument("--docker-volume", default="vitpipe-work",
+                   help="up --docker: the named volume the containers share (/var/lib/vitpipe)")
     p.set_defaults(func=cmd_stack)
     return parser
 

@@ -78,7 +78,15 @@ mapfile -t dirs < <("$PY" -m pip config list 2>/dev/null \
     | tr ' ' '\n' | sed -n 's#^file://##p; s#^\(/.*\)#\1#p' | sort -u)
 for d in "${dirs[@]}"; do
     [ -d "$d" ] || continue
-    port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    # the same port for the same folder on every build: the URL is a build argument, and a
+    # changed one would invalidate the cached torch layer
+    port=$("$PY" -c 'import socket, sys, zlib
+base = 30000 + zlib.crc32(sys.argv[1].encode()) % 5000
+for p in range(base, base + 50):
+    try:
+        socket.create_server(("127.0.0.1", p)).close(); print(p); break
+    except OSError:
+        pass' "$d")
     if [[ "$d" == */simple ]]; then  # its pages link ../../files/: serve the parent
         "$PY" -m http.server "$port" --bind 127.0.0.1 --directory "${d%/simple}" >/dev/null 2>&1 &
         extra+=("http://127.0.0.1:$port/simple/")

@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 
-def stack_cli(action: str, stack_dir: str) -> int:
-    """``vitpipe stack <action> --dir <stack_dir>``; imported lazily to keep the CLI fast."""
+def stack_cli(action: str, stack_dir: str, **kwargs: object) -> int:
+    """``vitpipe stack <action> --dir <stack_dir> [--docker]``; imported lazily (fast CLI)."""
     from .cli import stack_cli as _run
 
-    return _run(action, stack_dir)
+    return _run(action, stack_dir, **kwargs)  # type: ignore[arg-type]
 
 
 __all__ = ["stack_cli"]

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import docker as docker_pools
 from .ports import plan_ports, save_ports
 from .prefect_server import (
     POOLS,
@@ -96,9 +97,14 @@ def _record(proc: ManagedProcess, url: str | None) -> dict[str, Any]:
 
 
 def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
-       worker_cwd: str | None = None, extra_worker_env: dict[str, str] | None = None
-       ) -> dict[str, Any]:
-    """Start every service (stopping the ones already started if a later one fails)."""
+       worker_cwd: str | None = None, extra_worker_env: dict[str, str] | None = None,
+       docker: bool = False, docker_volume: str = docker_pools.VOLUME,
+       image: str = docker_pools.IMAGE) -> dict[str, Any]:
+    """Start every service (stopping the ones already started if a later one fails).
+
+    ``docker``: also a docker worker per docker pool (vitpipe-docker, vitpipe-docker-gpu), whose
+    flow runs each get their own container of ``image`` sharing ``docker_volume``.
+    """
     from .mlflow_server import start_mlflow_server
     from .seaweed import SeaweedS3
 
@@ -106,6 +112,11 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
     if (root / STATE).exists() and any(status(root).values()):
         raise StackError(f"a stack is already running from {root}; "
                          f"`vitpipe stack down --dir {stack_dir}` first")
+    if docker:
+        try:
+            docker_pools.check_docker(image)
+        except docker_pools.DockerUnavailable as err:
+            raise StackError(str(err)) from err
     root.mkdir(parents=True, exist_ok=True)
     ports, changes = plan_ports(root)
     started: list[ManagedProcess] = []
@@ -147,7 +158,14 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
         # Every pool prefect.yaml names, so `prefect deploy --all` works against this stack.
         templates = Path(worker_cwd or os.getcwd()) / "infra" / "work-pools"
         pools = POOLS if templates.is_dir() else {pool: ("process", None)}
-        create_pools(api_url, root / "prefect", templates, pools)
+        if docker and not templates.is_dir():
+            raise StackError(f"--docker needs the work-pool templates in {templates}: run "
+                             "`vitpipe stack up` from the project's root")
+        gpus = docker and docker_pools.host_has_gpus()
+        overrides = {p: docker_pools.stack_template(
+            json.loads((templates / POOLS[p][1]).read_text()), docker_volume, gpus)
+            for p in docker_pools.DOCKER_POOLS} if docker else None
+        create_pools(api_url, root / "prefect", templates, pools, overrides=overrides)
         secrets = {k: v for k, v in s3_env.items() if k in SECRET_KEYS}
         worker_env = {**public, **secrets, **(extra_worker_env or {})}
         worker = start_worker(api_url, root, pool=pool, env=worker_env,
@@ -155,6 +173,18 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
         started.append(worker)
         services["prefect-worker"] = _record(worker, worker.health_url)
         services["prefect-worker"]["pool"] = pool
+        if docker:
+            docker_pools.write_secrets(
+                {k: v for k, v in worker_env.items() if k.startswith(("AWS_", "MLFLOW_",
+                                                                      "VITPIPE_"))},
+                volume=docker_volume, image=image)
+            for p in docker_pools.DOCKER_POOLS:
+                w = start_worker(api_url, root, pool=p, worker_type="docker",
+                                 cwd=worker_cwd or os.getcwd())
+                started.append(w)
+                services[f"docker-worker-{p}"] = {
+                    **_record(w, w.health_url), "pool": p,
+                    "worker_name": w.argv[w.argv.index("--name") + 1]}
     except BaseException:
         with contextlib.suppress(Exception):  # a server that started after the failure
             started.append(prefect_future.result()[0])
@@ -167,6 +197,8 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
     _write_env(root / CRED_FILE, secrets, 0o600)
     save_ports(root, ports)
     state = {"dir": str(root), "api_url": api_url, "pool": pool, "services": services,
+             "docker": {"volume": docker_volume, "image": image, "gpus": gpus} if docker
+             else None,
              "prefect_home": str(root / "prefect"), "ports": ports, "port_changes": changes,
              "started_at": time.time()}
     (root / STATE).write_text(json.dumps(state, indent=2))
@@ -223,6 +255,11 @@ def down(stack_dir: str | Path, grace: float = 10.0) -> list[str]:
             while _group_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
         stopped.append(name)
+    workers = [r["worker_name"] for r in state["services"].values() if r.get("worker_name")]
+    if workers:  # the flow-run containers those docker workers started (if any are left)
+        gone = docker_pools.remove_containers(workers)
+        if gone:
+            stopped.append(f"{len(gone)} flow-run container(s)")
     (Path(stack_dir).resolve() / STATE).unlink(missing_ok=True)
     return stopped
 
@@ -239,11 +276,12 @@ def status(stack_dir: str | Path) -> dict[str, bool]:
     return out
 
 
-def stack_cli(action: str, stack_dir: str) -> int:
+def stack_cli(action: str, stack_dir: str, docker: bool = False,
+              docker_volume: str = docker_pools.VOLUME) -> int:
     """Entry point of ``vitpipe stack``; returns the process exit status."""
     try:
         if action == "up":
-            state = up(stack_dir)
+            state = up(stack_dir, docker=docker, docker_volume=docker_volume)
             d = Path(state["dir"])
             print(f"stack up in {d}")
             if state["port_changes"]:
@@ -257,6 +295,13 @@ def stack_cli(action: str, stack_dir: str) -> int:
                   f"{read_env_files(d)['MLFLOW_TRACKING_URI']} (MLflow)\n"
                   f"next:  prefect --no-prompt deploy --all   # then "
                   f"prefect deployment run 'pipeline/process'")
+            if state.get("docker"):
+                dk = state["docker"]
+                print(f"docker: pools {', '.join(docker_pools.DOCKER_POOLS)} run each flow run "
+                      f"in a container of {dk['image']} (volume {dk['volume']}, host network"
+                      + (")" if dk["gpus"] else "; no GPU found: vitpipe-docker-gpu runs on "
+                         "CPU)") + "\n       prefect deployment run 'pipeline/docker' "
+                      "--params '{\"config\": ...}'   (paths inside the image)")
             return 0
         if action == "down":
             names = down(stack_dir)

@@ -93,11 +93,13 @@ def create_work_pool(api_url: str, name: str, pool_type: str, home: Path,
 
 
 def create_pools(api_url: str, home: Path, templates: Path,
-                 pools: dict[str, tuple[str, str | None]] | None = None) -> list[str]:
+                 pools: dict[str, tuple[str, str | None]] | None = None,
+                 overrides: dict[str, dict] | None = None) -> list[str]:
     """Create or update vitpipe's work pools with their base job templates; GPU pools get a
     concurrency limit of 1 (one training run owns the GPUs; prefect #16127).
 
     Talks to the API in-process (one import of Prefect instead of one CLI process per pool).
+    ``overrides``: pool name -> base job template to use instead of the file's.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -106,7 +108,9 @@ def create_pools(api_url: str, home: Path, templates: Path,
     done = []
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         for name, (kind, template) in (pools or POOLS).items():
-            if template:
+            if overrides and name in overrides:
+                base = overrides[name]
+            elif template:
                 base = json.loads((templates / template).read_text())
             else:
                 from prefect.workers.process import ProcessWorker
@@ -127,10 +131,12 @@ def create_pools(api_url: str, home: Path, templates: Path,
 def start_worker(api_url: str, data_dir: Path, pool: str = PROCESS_POOL,
                  env: dict[str, str] | None = None, cwd: str | None = None,
                  query_seconds: float = 1.0, limit: int | None = None,
-                 timeout: float = 90.0) -> ManagedProcess:
-    """Start a process worker on ``pool`` (created if missing); healthy once it serves /health.
+                 timeout: float = 90.0, worker_type: str = "process") -> ManagedProcess:
+    """Start a ``worker_type`` worker on ``pool``; healthy once it serves /health and the
+    server lists it online.
 
-    ``env`` reaches every flow run the worker starts (MLflow/S3 endpoints and credentials).
+    A process worker's ``env`` reaches every flow run it starts (MLflow/S3 endpoints and
+    credentials); a docker worker's containers get theirs from the work volume (stack/docker.py).
     """
     data_dir = Path(data_dir).resolve()
     home = data_dir / "prefect"
@@ -145,15 +151,16 @@ def start_worker(api_url: str, data_dir: Path, pool: str = PROCESS_POOL,
         "PYTHONUNBUFFERED": "1",
     })
     wenv.update(env or {})
-    argv = [prefect_bin(), "worker", "start", "--pool", pool, "--type", "process",
+    argv = [prefect_bin(), "worker", "start", "--pool", pool, "--type", worker_type,
             "--name", f"{pool}-{os.getpid()}-{port}", "--with-healthcheck",
             "--install-policy", "never"]
     if limit:
         argv += ["--limit", str(limit)]
     proc = ManagedProcess(
-        name="prefect-worker",
+        name="prefect-worker" if worker_type == "process" else f"{worker_type}-worker {pool}",
         argv=argv,
-        log_path=data_dir / "logs" / "prefect-worker.log",
+        log_path=data_dir / "logs" / ("prefect-worker.log" if worker_type == "process"
+                                      else f"prefect-worker-{pool}.log"),
         health_url=f"http://127.0.0.1:{port}/health",
         env=wenv,
         cwd=cwd,
