@@ -269,7 +269,6 @@ def test_kubernetes_multinode_template_is_an_indexed_job(prefect_server) -> None
 # ------------------------------------------------------------------------------ prefect.yaml
 def test_prefect_yaml_declares_every_stage_on_every_pool_kind() -> None:
     from flows.stages import STAGE_FLOWS
-    from vitpipe.stack.prefect_server import POOLS
 
     deps = _prefect_yaml()["deployments"]
     flows = {*STAGE_FLOWS, "pipeline"}
