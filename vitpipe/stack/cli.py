@@ -112,7 +112,12 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
     if (root / STATE).exists() and any(status(root).values()):
         raise StackError(f"a stack is already running from {root}; "
                          f"`vitpipe stack down --dir {stack_dir}` first")
+    # Every pool prefect.yaml names, so `prefect deploy --all` works against this stack.
+    templates = Path(worker_cwd or os.getcwd()) / "infra" / "work-pools"
     if docker:
+        if not templates.is_dir():
+            raise StackError(f"--docker needs the work-pool templates in {templates}: run "
+                             "`vitpipe stack up` from the project's root")
         try:
             docker_pools.check_docker(image)
         except docker_pools.DockerUnavailable as err:
@@ -155,12 +160,7 @@ def up(stack_dir: str | Path, *, ui: bool = True, pool: str = PROCESS_POOL,
             "VITPIPE_S3_BUCKET": BUCKET,
             "VITPIPE_WORK_POOL": pool,
         }
-        # Every pool prefect.yaml names, so `prefect deploy --all` works against this stack.
-        templates = Path(worker_cwd or os.getcwd()) / "infra" / "work-pools"
         pools = POOLS if templates.is_dir() else {pool: ("process", None)}
-        if docker and not templates.is_dir():
-            raise StackError(f"--docker needs the work-pool templates in {templates}: run "
-                             "`vitpipe stack up` from the project's root")
         gpus = docker and docker_pools.host_has_gpus()
         overrides = {p: docker_pools.stack_template(
             json.loads((templates / POOLS[p][1]).read_text()), docker_volume, gpus)
