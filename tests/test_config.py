@@ -26,7 +26,8 @@ from vitpipe.config import (
 )
 from vitpipe.config.base import parse_value
 
-PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def write(tmp_path: Path, data: dict | str, name: str = "cfg.yaml") -> Path:
@@ -213,3 +214,74 @@ def test_unknown_key_suggests_the_short_key_of_a_known_synonym(typo: str, meant:
     with pytest.raises(ConfigError) as err:
         load_stage("train", None, [f"{typo}=1"])
     assert f"did you mean '{meant}'" in str(err.value)
+
+
+PIPE = {"model": {"name": "vit_tiny_patch7_28", "num_classes": 10},
+        "shard": {"output": "shards/x"},
+        "pretrain": {"mode": "mae"}, "finetune": {"mode": "finetune", "init": "enc.safetensors"},
+        "evaluate": {"split": "test"}, "register": {"model_name": "m"}}
+
+
+@pytest.mark.parametrize("stage, section, short, full, read", [
+    ("evaluate", None, "weights=w.safetensors", "evaluate.weights=w.safetensors",
+     lambda c: c.weights),
+    ("register", None, "run_id=abc", "register.run_id=abc", lambda c: c.run_id),
+    ("shard", None, "source.limit_per_split=500", "shard.source.limit_per_split=500",
+     lambda c: c.source.limit_per_split),
+    ("train", None, "train.epochs=2.5", "finetune.train.epochs=2.5", lambda c: c.train.epochs),
+    ("train", "pretrain", "train.epochs=2.5", "pretrain.train.epochs=2.5",
+     lambda c: c.train.epochs),
+])
+@pytest.mark.parametrize("as_preset", [True, False], ids=["preset", "no-file"])
+def test_stage_commands_take_short_and_full_keys_alike(tmp_path, stage, section, short, full,
+                                                       read, as_preset) -> None:
+    from vitpipe.config import load_stage
+
+    path = str(write(tmp_path, PIPE)) if as_preset else None
+    value = short.split("=", 1)[1]
+    a = load_stage(stage, path, [short], section=section)
+    b = load_stage(stage, path, [full], section=section)
+    assert str(read(a)) == str(read(b)) == value
+    assert a.model_dump() == b.model_dump()
+
+
+def test_other_stages_keys_are_checked_and_reported_not_used(tmp_path, capsys) -> None:
+    from vitpipe.config import load_stage
+
+    path = str(write(tmp_path, PIPE))
+    base = load_stage("evaluate", path)
+    cfg = load_stage("evaluate", path, ["finetune.train.epochs=2", "launch.num_processes=2"])
+    assert cfg == base  # the same overrides as `make run ARGS=...`, harmless here
+    err = capsys.readouterr().err
+    assert "not used by the evaluate stage" in err and "finetune.train.epochs" in err
+    with pytest.raises(ConfigError, match="finetune.train.epocs"):  # still validated
+        load_stage("evaluate", path, ["finetune.train.epocs=2"])
+    with pytest.raises(ConfigError) as e:  # an unknown key: both forms of the right key named
+        load_stage("evaluate", path, ["evaluate.wieghts=x"])
+    assert "did you mean 'weights'" in str(e.value) and "evaluate.key=value" in str(e.value)
+    with pytest.raises(ConfigError, match="reads section"):
+        load_stage("evaluate", path, section="finetune")
+
+
+def test_a_preset_gives_train_and_evaluate_its_shard_manifest(tmp_path) -> None:
+    from vitpipe.config import load_stage
+
+    path = str(write(tmp_path, PIPE))
+    for stage, section in (("train", "finetune"), ("train", "pretrain"), ("evaluate", None)):
+        cfg = load_stage(stage, path, section=section)
+        assert cfg.data.manifest == "shards/x/manifest.json"
+        given = load_stage(stage, path, ["data.manifest=s3://b/m.json"], section=section)
+        assert given.data.manifest == "s3://b/m.json"
+    assert load_stage("evaluate", None).data.manifest is None  # no preset: nothing guessed
+
+
+def test_cli_config_show_of_a_stage_reads_its_preset_section(capsys) -> None:
+    preset = str(ROOT / "configs" / "fmnist_smoke.yaml")
+    for stage, key in (("train", "mode"), ("evaluate", "split"), ("shard", "output"),
+                       ("register", "model_name")):
+        assert cli_main(["config", "show", "--stage", stage, "--config", preset]) == 0, stage
+        shown = json.loads(capsys.readouterr().out)
+        assert key in shown, (stage, shown)
+    assert cli_main(["config", "show", "--stage", "train", "--section", "pretrain",
+                     "--config", preset]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "mae"

@@ -108,3 +108,39 @@ def test_skipped_samples_are_mlflow_metrics_per_split(trained, tmp_path):
     hist = {k: [mm.value for mm in client.get_metric_history(res["run_id"], k)]
             for k in ("skipped_samples_train", "skipped_samples_val")}
     assert hist == {"skipped_samples_train": [1.0, 1.0], "skipped_samples_val": [1.0, 1.0]}
+
+
+def test_evaluate_and_register_chain_from_a_training_run_id(trained, capsys):
+    """`vitpipe evaluate --run <id>|latest` needs no weights, manifest or model keys: they come
+    from what the training run recorded; `register --run` registers the same run."""
+    from vitpipe.cli import main as cli_main
+
+    tmp, shards, res = trained
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_run(res["run_id"]).info.experiment_id
+    mae = client.create_run(exp, tags={"vitpipe.mode": "mae"})  # newer, but no classifier
+    client.set_terminated(mae.info.run_id)
+    base = [f"tracking.uri={uri}", "tracking.experiment=test", f"output_dir={tmp}/eval-chain",
+            "num_attention_images=0"]
+
+    assert cli_main(["evaluate", "--run", "latest", *base]) == 0
+    out = json.loads(capsys.readouterr().out)
+    direct = __import__("vitpipe.evaluate", fromlist=["evaluate"]).evaluate(
+        _cfg(tmp, shards, f"run_id={res['run_id']}", "num_attention_images=0"))
+    assert out["test_top1"] == pytest.approx(direct["test_top1"])
+    assert out["test_num_samples"] == 300
+    assert json.loads((tmp / "eval-chain" / "metrics.json").read_text())["weights"] == \
+        f"runs:/{res['run_id']}/weights/model.safetensors"
+
+    assert cli_main(["evaluate", "--run", res["run_id"], *base, "split=val"]) == 0  # key wins
+    assert "val_top1" in json.loads(capsys.readouterr().out)
+
+    assert cli_main(["evaluate", "--run", mae.info.run_id, *base]) == 2
+    assert "MAE pretraining leaves only an encoder" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--run", "latest", *base, "tracking.experiment=nothing"]) == 2
+    assert "no finished supervised/finetune run" in capsys.readouterr().err
+
+    assert cli_main(["register", "--run", "latest", *base[:2], "model_name=chain-tiny"]) == 0
+    reg = json.loads(capsys.readouterr().out)
+    assert reg["run_id"] == res["run_id"] and reg["champion"] == "1"

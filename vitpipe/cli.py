@@ -34,8 +34,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "schema":
         print(json.dumps(C.json_schema(C.STAGES[args.stage]), indent=2))
         return 0
-    section = args.section or (None if args.stage == "pipeline" else args.stage)
-    cfg = C.load_stage(args.stage, args.config, args.overrides, section=section)
+    cfg = C.load_stage(args.stage, args.config, args.overrides, section=args.section)
     if args.action == "flat":
         for k, v in C.flatten(cfg).items():
             print(f"{k}={v}")
@@ -49,7 +48,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from .data import shard
 
     overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
-    cfg = load_stage("shard", args.config, overrides, section="shard")
+    cfg = load_stage("shard", args.config, overrides)
     print(shard(cfg))
     return 0
 
@@ -92,6 +91,9 @@ def _train(args: argparse.Namespace, on_result=None) -> int:
         on_result(result)
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
         print(json.dumps(result, default=str))
+        if cfg.mode != "mae" and result.get("run_id"):
+            preset = f" --config {args.config}" if args.config else ""
+            print(f"next: vitpipe evaluate{preset} --run {result['run_id']}", file=sys.stderr)
     return 0
 
 
@@ -108,7 +110,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import load_stage
     from .evaluate import evaluate
 
-    cfg = load_stage("evaluate", args.config, args.overrides, section="evaluate")
+    cfg = load_stage("evaluate", args.config, args.overrides)
+    if args.run:
+        from .runs import evaluation_layer, find_training_run
+
+        layer = evaluation_layer(cfg.tracking, find_training_run(cfg.tracking, args.run))
+        cfg = load_stage("evaluate", args.config, args.overrides, layer=layer)
     print(json.dumps(evaluate(cfg), default=str, indent=2))
     return 0
 
@@ -117,7 +124,12 @@ def cmd_register(args: argparse.Namespace) -> int:
     from .config import load_stage
     from .registry import register
 
-    cfg = load_stage("register", args.config, args.overrides, section="register")
+    cfg = load_stage("register", args.config, args.overrides)
+    if args.run:
+        from .runs import find_training_run
+
+        layer = {"run_id": find_training_run(cfg.tracking, args.run)}
+        cfg = load_stage("register", args.config, args.overrides, layer=layer)
     print(json.dumps(register(cfg), default=str, indent=2))
     return 0
 
@@ -185,11 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+    run_help = ("a training run id, or 'latest' (the newest finished supervised/finetune run "
+                "of tracking.experiment): %s; explicit keys still override")
     p = sub.add_parser("evaluate", help="metrics + plots for trained weights on a split")
+    p.add_argument("--run", help=run_help % "its model, data (manifest) and weights")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("register", help="register a run's model in MLflow; gate to champion")
+    p.add_argument("--run", help=run_help % "the run to register")
     _add_config_args(p)
     p.set_defaults(func=cmd_register)
 

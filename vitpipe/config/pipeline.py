@@ -30,11 +30,12 @@ _TARGETS = {
 }
 
 
-def _merge(base: Any, over: Any) -> Any:
+def merge(base: Any, over: Any) -> Any:
+    """``over`` laid over ``base``: mappings merged key by key, anything else replaced."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = copy.deepcopy(base)
         for k, v in over.items():
-            out[k] = _merge(out.get(k), v) if k in out else copy.deepcopy(v)
+            out[k] = merge(out.get(k), v) if k in out else copy.deepcopy(v)
         return out
     return copy.deepcopy(over)
 
@@ -139,5 +140,5 @@ class PipelineConfig(StrictModel):
             if not isinstance(data[stage], dict):
                 continue
             inherited = {k: data[k] for k in keys if k in data}
-            data[stage] = _merge(inherited, data[stage])
+            data[stage] = merge(inherited, data[stage])
         return data
