@@ -35,6 +35,7 @@ from vitpipe.models.complexity import forward_flops, mae_forward_flops
 from vitpipe.models.registry import resolve
 from vitpipe.train.engine import train_step
 from vitpipe.train.optim import WarmupCosine, build_optimizer
+from vitpipe.train.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
@@ -56,7 +57,8 @@ def bare_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mae: boo
 
 def engine_step(acc, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                 cfg: TrainConfig) -> Callable[[], None]:
-    opt = build_optimizer(model, cfg.train, cfg.train.layer_decay if cfg.mode != "mae" else None)
+    task = get_task(cfg)
+    opt = build_optimizer(model, cfg.train, task.layer_decay())
     model, opt = acc.prepare(model, opt)
     sched = WarmupCosine(opt, 1e-4, 1e-6, 10, 10_000)
     window = torch.zeros(2, device=x.device)
@@ -65,7 +67,7 @@ def engine_step(acc, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     def step() -> None:
         n[0] += 1
-        loss, _ = train_step(acc, model, opt, x, y, cfg, None,
+        loss, _ = train_step(acc, model, opt, task, x, y,
                              want_norm=n[0] % cfg.log_every_n_steps == 0)
         window.add_(torch.stack([loss.detach().float(), one]))
         if acc.sync_gradients:

@@ -240,7 +240,7 @@ def pipeline(
     ft_cfg = cfg.finetune.model_copy(deep=True)
     ft_cfg.data.manifest = manifest
     _scope_checkpoints(ft_cfg, scope)
-    if pre is not None and ft_cfg.mode == "finetune":
+    if pre is not None and ft_cfg.init:  # the preset's init stands for the pretrain output
         ft_cfg.init = _weights_ref(pre, how)
     ft = runner.run("finetune", config=ft_cfg, launch=cfg.launch)
 

@@ -157,11 +157,11 @@ def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[
     metrics = {k: v for k, v in (result.get("metrics") or {}).items()
                if isinstance(v, int | float)}
     charts = links.run_charts_link(config.tracking, run_id)
-    if config.mode == "mae" and run_id:
-        url = links.artifact_url(config.tracking, run_id, "plots/mae_reconstructions.png")
+    for plot in result.get("plots") or [] if run_id else []:  # the task's figures
+        url = links.artifact_url(config.tracking, run_id, plot)
         if url:
-            create_image_artifact(image_url=url, key=_key(stage, "reconstructions"),
-                                  description=f"{stage}: MAE reconstructions (MLflow artifact)")
+            create_image_artifact(image_url=url, key=_key(stage, Path(plot).stem),
+                                  description=f"{stage}: {Path(plot).stem} (MLflow artifact)")
     create_markdown_artifact(
         key=_key(stage, "summary"),
         description=f"{stage}: training summary",

@@ -69,12 +69,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, on_result=None) -> int:
     from .config import load_stage
     from .train import TrainingInterrupted, train
+    from .train.tasks import task_class
 
-    section = "pretrain" if args.mode == "mae" else "finetune"
+    # the pipeline stage whose section to read: --stage, else the mode's own stage
+    section = args.stage or ("pretrain" if args.mode and task_class(args.mode).pretraining
+                             else "finetune")
     if section == "pretrain" and not _has_section(args.config, "pretrain"):
         # e.g. configs/fmnist_cpu.yaml has no MAE stage: pretrain with its model and data
         print(f"vitpipe train: {args.config} has no 'pretrain' section; using its 'finetune' "
-              "section with mode=mae", file=sys.stderr)
+              f"section with mode={args.mode}", file=sys.stderr)
         section = "finetune"
     overrides = list(args.overrides)
     if args.mode:
@@ -91,7 +94,7 @@ def _train(args: argparse.Namespace, on_result=None) -> int:
         on_result(result)
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
         print(json.dumps(result, default=str))
-        if cfg.mode != "mae" and result.get("run_id"):
+        if task_class(cfg.mode).classifier and result.get("run_id"):
             preset = f" --config {args.config}" if args.config else ""
             print(f"next: vitpipe evaluate{preset} --run {result['run_id']}", file=sys.stderr)
     return 0
@@ -189,8 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_shard)
 
-    p = sub.add_parser("train", help="supervised / MAE pretraining or fine-tuning (Accelerate)")
-    p.add_argument("--mode", choices=["supervised", "mae", "finetune"])
+    p = sub.add_parser("train", help="a training task: supervised, mae, finetune or distill "
+                       "(Accelerate)")
+    p.add_argument("--mode", choices=["supervised", "mae", "finetune", "distill"],
+                   help="the task (default: the section's mode)")
+    p.add_argument("--stage", choices=["pretrain", "finetune"],
+                   help="pipeline preset section to read (default: pretrain for --mode mae, "
+                        "else finetune)")
     p.add_argument("--resume", help="'auto' (newest checkpoint), a checkpoint URI, or 'none'")
     p.add_argument("--result-file", help="write the result JSON here (and each failing rank's"
                    " error to <file>.rank<N>.error): how a supervisor learns the outcome")

@@ -76,13 +76,27 @@ class DistConfig(StrictModel):
     preflight_timeout_s: float = Field(60.0, gt=0)  # first all-reduce must finish within this
 
 
+class DistillConfig(StrictModel):
+    """The ``distill`` task: a frozen teacher classifier's hard labels (DeiT)."""
+
+    # teacher weights: a path, s3://, runs:/<id>/weights/model.safetensors, models:/<name>@<alias>
+    teacher: str | None = None
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the teacher's labels; 1 - alpha: true labels
+
+
+# What each mode cannot run without (checked at load, before any launch).
+NEEDS = {"finetune": ("init", "an encoder or checkpoint URI"),
+         "distill": ("distill.teacher", "the teacher's weights URI")}
+
+
 class TrainConfig(StrictModel):
     """Everything one training run needs; logged flat to MLflow as params."""
 
-    mode: Literal["supervised", "mae", "finetune"] = "supervised"
+    mode: Literal["supervised", "mae", "finetune", "distill"] = "supervised"
     seed: int = 0
     model: ModelConfig = ModelConfig()
     mae: MAEConfig = MAEConfig()
+    distill: DistillConfig = DistillConfig()
     data: DataConfig = DataConfig()
     train: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -96,6 +110,13 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:
-        if self.mode == "finetune" and not self.init:
-            raise ValueError("mode=finetune needs 'init' (an encoder or checkpoint URI)")
+        key, what = NEEDS.get(self.mode, (None, None))
+        if key and not _get(self, key):
+            raise ValueError(f"mode={self.mode} needs '{key}' ({what})")
         return self
+
+
+def _get(cfg: StrictModel, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

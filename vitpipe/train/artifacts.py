@@ -46,7 +46,8 @@ def open_run(tracker: Tracker, run_id: str | None, tags: dict[str, str],
     return tracker.start(run_name=cfg.tracking.run_name or f"{cfg.mode}", tags=tags)
 
 
-def log_run_inputs(tracker: Tracker, cfg: TrainConfig, manifest: Any, plan: Any) -> None:
+def log_run_inputs(tracker: Tracker, cfg: TrainConfig, manifest: Any, plan: Any,
+                   validates: bool) -> None:
     from ..config import flatten
 
     params = flatten(cfg) | {f"plan.{k}": str(v) for k, v in asdict(plan).items()}
@@ -55,32 +56,28 @@ def log_run_inputs(tracker: Tracker, cfg: TrainConfig, manifest: Any, plan: Any)
     tracker.log_dict(_redact(cfg.model_dump(mode="json")), "config/train_config.json")
     tracker.log_dict(_manifest_dict(manifest), "manifest/manifest.json")
     tracker.log_dataset(manifest, cfg.data.manifest, "train", "training")
-    if "val" in manifest.splits and cfg.mode != "mae":
+    if "val" in manifest.splits and validates:
         tracker.log_dataset(manifest, cfg.data.manifest, "val", "validation")
 
 
-def export_weights(cfg: TrainConfig, acc, model, ema: ModelEma | None, out_dir: Path,
-            tracker: Tracker, manifest: Any) -> Path:
-    """Write the run's weights (main process) and log them; returns the contract's path."""
+def _meta(cfg: TrainConfig, manifest: Any, source: str) -> dict[str, str]:
+    """Safetensors metadata: enough to rebuild the network without the run (e.g. a teacher)."""
+    return {"mode": cfg.mode, "model": cfg.model.model_dump_json(),
+            "num_classes": str(len(manifest.classes)),
+            "classes": json.dumps(list(manifest.classes)), "source": source}
+
+
+def export_classifier(cfg: TrainConfig, acc, model, ema: ModelEma | None, out_dir: Path,
+                      tracker: Tracker, manifest: Any) -> Path:
+    """``model.safetensors`` (EMA weights with ``train.use_ema_for_export``) and, with EMA,
+    ``model_ema.safetensors``; main process writes and logs them under ``weights/``."""
     from ..weights import save_safetensors
 
     raw = acc.unwrap_model(model)
     use_ema = ema is not None and cfg.train.use_ema_for_export
-    meta = {"mode": cfg.mode, "model": cfg.model.model_dump_json(),
-            "num_classes": str(len(manifest.classes)),
-            "classes": json.dumps(list(manifest.classes)),
-            "source": "ema" if use_ema else "model"}
-    if cfg.mode == "mae":
-        src = ema.module if use_ema else raw
-        path = out_dir / "encoder.safetensors"
-        if acc.is_main_process:
-            save_safetensors(_cpu(src.encoder_state_dict()), path, metadata=meta)
-            tracker.log_artifact(path, "weights")
-            _log_reconstructions(src, cfg, acc, out_dir, tracker, manifest)
-        acc.wait_for_everyone()
-        return path
     path = out_dir / "model.safetensors"
     if acc.is_main_process:
+        meta = _meta(cfg, manifest, "ema" if use_ema else "model")
         save_safetensors(_cpu((ema.module if use_ema else raw).state_dict()), path, metadata=meta)
         tracker.log_artifact(path, "weights")
         if ema is not None:
@@ -88,6 +85,24 @@ def export_weights(cfg: TrainConfig, acc, model, ema: ModelEma | None, out_dir: 
             save_safetensors(_cpu(ema.module.state_dict()), ema_path,
                              metadata=meta | {"source": "ema"})
             tracker.log_artifact(ema_path, "weights")
+    acc.wait_for_everyone()
+    return path
+
+
+def export_encoder(cfg: TrainConfig, acc, model, ema: ModelEma | None, out_dir: Path,
+                   tracker: Tracker, manifest: Any) -> Path:
+    """An MAE run's ``encoder.safetensors`` (what fine-tuning starts from) and its
+    reconstruction figure under ``plots/``."""
+    from ..weights import save_safetensors
+
+    use_ema = ema is not None and cfg.train.use_ema_for_export
+    src = ema.module if use_ema else acc.unwrap_model(model)
+    path = out_dir / "encoder.safetensors"
+    if acc.is_main_process:
+        save_safetensors(_cpu(src.encoder_state_dict()), path,
+                         metadata=_meta(cfg, manifest, "ema" if use_ema else "model"))
+        tracker.log_artifact(path, "weights")
+        _log_reconstructions(src, cfg, acc, out_dir, tracker, manifest)
     acc.wait_for_everyone()
     return path
 

@@ -1,6 +1,8 @@
-"""The Accelerate training engine: supervised, MAE pretraining and fine-tuning.
+"""The Accelerate training engine: one loop for every task (supervised, MAE, fine-tune, distill).
 
-One short loop (torchtitan style); everything else is a named helper. The order matters:
+The engine knows no mode by name: what a mode means (its model, loss, validation, artifacts)
+is its task object (:mod:`.tasks`). One short loop (torchtitan style) over a
+:class:`TrainState`; everything else is a named helper. The order matters:
 cheap checks first (preflight all-reduce, tracking reachability, batch semantics, manifest,
 model, fine-tune source, resume checkpoint), every rank agreeing on success, then data and steps.
 
@@ -22,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError, TrainConfig
 from ..errors import CheckpointError, TrainingError
 from ..tracking import Tracker, run_tags
-from .artifacts import export_weights, log_run_inputs, open_run
+from .artifacts import log_run_inputs, open_run
 from .checkpoint import CheckpointManager
 from .distributed import (
     StopFlag,
@@ -40,6 +41,8 @@ from .distributed import (
 )
 from .ema import ModelEma
 from .optim import WarmupCosine, build_optimizer, group_summary, scaled_lr
+from .tasks import Task, get_task
+from .tasks.base import Setup
 
 
 class TrainingInterrupted(TrainingError):
@@ -70,6 +73,33 @@ class Plan:
     @property
     def effective_batch(self) -> int:
         return self.micro_batch * self.accum_steps * self.world_size
+
+
+@dataclass
+class TrainState:
+    """Everything a step changes, in one object: what a checkpoint restores."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosine
+    ema: ModelEma | None
+    cursor: Cursor
+    plan: Plan
+
+
+@dataclass
+class Session:
+    """What the loop reads but does not change: the run's config, task, I/O and data."""
+
+    cfg: TrainConfig
+    task: Task
+    acc: Any
+    tracker: Tracker
+    ckpt: CheckpointManager
+    stop: StopFlag
+    run_id: str | None
+    train_loader: Callable[[int, int], Any]  # (epoch, start_sample) -> loader
+    val_loader: Any
 
 
 def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
@@ -106,17 +136,6 @@ def _batches(loader: Any, n: int, seed: int) -> Iterator[tuple[torch.Tensor, tor
                                 f"len(loader) promised {n}") from None
     if n >= len(loader):  # the whole epoch: let the loader finish (its workers' skip counts)
         next(it, None)
-
-
-def _build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    from ..models import build_from_config, build_mae
-
-    if cfg.mode == "mae":
-        return build_mae(cfg.model, cfg.mae)
-    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the manifest has "
-                          f"{num_classes} classes; drop model.num_classes or fix it")
-    return build_from_config(cfg.model.model_copy(update={"num_classes": num_classes}))
 
 
 @torch.no_grad()
@@ -167,8 +186,9 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     from accelerate.utils import broadcast_object_list, set_seed
 
     from ..data import make_loader, read_manifest
-    from ..data.transforms import build_eval_transform, build_mix, build_train_transform
+    from ..data.transforms import build_eval_transform, build_train_transform
 
+    task = get_task(cfg)
     preflight(acc, cfg.dist.preflight_timeout_s)
     tracker = Tracker(cfg.tracking, active=acc.is_main_process)
     all_ok(acc, tracker.check)
@@ -184,22 +204,17 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     if acc.is_local_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # ---- model, fine-tune source, optimizer --------------------------------------------
+    # ---- model, what it starts from (init, teacher), optimizer ----------------------------
     set_seed(cfg.seed)
-    model = all_ok(acc, lambda: _build_model(cfg, num_classes))
-    if cfg.mode == "finetune":
-        from .pretrained import load_init
-
-        report = all_ok(acc, lambda: load_init(model, cfg.init, out_dir / ".init_cache",
-                                                  cfg.data.s3, tracker.uri))
-        acc.print(f"fine-tune init from {cfg.init}: {report}")
+    model = all_ok(acc, lambda: task.build_model(num_classes))
+    report = all_ok(acc, lambda: task.setup(model, Setup(acc, out_dir, tracker.uri)))
+    if report:
+        acc.print(report)
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    layer_decay = cfg.train.layer_decay if cfg.mode != "mae" else None
-    optimizer = build_optimizer(model, cfg.train, layer_decay)
+    optimizer = build_optimizer(model, cfg.train, task.layer_decay())
 
     # ---- data plan ------------------------------------------------------------------------
-    img_size = cfg.data.augment.img_size or (model.encoder.img_size if cfg.mode == "mae"
-                                             else model.img_size)
+    img_size = task.image_size(model)
     train_tf = build_train_transform(cfg.data.augment, manifest, img_size)
     extra = {"data": cfg.data}  # shuffle buffer, error budget, sha256 check, S3
     rank, world = acc.process_index, acc.num_processes
@@ -225,12 +240,12 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     plan.lr = scaled_lr(cfg.train, plan.effective_batch)
     scheduler = WarmupCosine(optimizer, plan.lr, cfg.train.min_lr, plan.warmup_steps, total)
     val_loader = None
-    if cfg.mode != "mae" and "val" in manifest.splits:
+    if task.classifier and "val" in manifest.splits:
         eval_tf = build_eval_transform(cfg.data.augment, manifest, img_size)
         val_loader = make_loader(cfg.data.manifest, "val", cfg.data.eval_batch_size, rank=rank,
                                  world_size=world, num_workers=cfg.data.num_workers,
                                  transform=eval_tf, seed=cfg.seed, train=False, **extra)
-    mix = build_mix(cfg.data.augment, num_classes) if cfg.mode != "mae" else None
+    task.build_mix(num_classes)
 
     # ---- accelerate ---------------------------------------------------------------------------
     model, optimizer = acc.prepare(model, optimizer)
@@ -262,7 +277,7 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     if acc.is_main_process:
         run_id = open_run(tracker, run_id, tags, cfg)
         if not resume_from:
-            log_run_inputs(tracker, cfg, manifest, plan)
+            log_run_inputs(tracker, cfg, manifest, plan, validates=task.classifier)
     run_id = broadcast_object_list([run_id])[0] if world > 1 else run_id
     acc.print(f"plan: {json.dumps(asdict(plan) | {'effective_batch': plan.effective_batch})}")
     for line in group_summary(optimizer.param_groups):
@@ -272,10 +287,11 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     stop.install()
     status = "FAILED"
     try:
-        metrics = _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader,
-                        val_loader, plan, cursor, ckpt, tracker, stop, run_id)
+        state = TrainState(model, optimizer, scheduler, ema, cursor, plan)
+        session = Session(cfg, task, acc, tracker, ckpt, stop, run_id, train_loader, val_loader)
+        metrics = _loop(session, state)
         check_replicas(acc, model, cursor.step)
-        weights = export_weights(cfg, acc, model, ema, out_dir, tracker, manifest)
+        weights = task.export(acc, model, ema, out_dir, tracker, manifest)
         status = "FINISHED"
     except TrainingInterrupted:
         status = "KILLED"
@@ -293,7 +309,7 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
         tracker.end(status)
     return {"run_id": run_id, "weights": str(weights), "checkpoint_dir": cfg.checkpoint.dir,
             "checkpoint": ckpt.last_saved, "resumed_from_step": resumed_step,
-            "steps": cursor.step, "metrics": metrics}
+            "steps": cursor.step, "metrics": metrics, "plots": list(task.plots)}
 
 
 def _check_compatible(state: dict[str, Any], cfg: TrainConfig, plan: Plan, where: str) -> None:
@@ -317,39 +333,31 @@ def _check_optimizer_step(optimizer: Any, step: int, cfg: TrainConfig, where: st
         break
 
 
-def _loss(model, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-          mix: Callable | None) -> torch.Tensor:
-    if cfg.mode == "mae":
-        return model(x)[0]
-    if mix is not None:
-        x, y = mix(x, y)
-    return F.cross_entropy(model(x).float(), y, label_smoothing=cfg.train.label_smoothing)
-
-
-def train_step(acc, model, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-               mix: Callable | None = None, want_norm: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch: forward, backward and (on accumulation boundaries) clip + step.
+def train_step(acc, model, optimizer, task: Task, x: torch.Tensor, y: torch.Tensor,
+               want_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: the task's loss, backward and (on accumulation boundaries) clip + step.
 
     Returns the loss and, on a boundary, the pre-clip gradient norm when clipping or
     ``want_norm`` (the norm costs a pass over the grads, so the loop asks on log steps only).
     """
+    clip = task.cfg.train.clip_grad
     with acc.accumulate(model):
-        loss = _loss(model, x, y, cfg, mix)
+        loss = task.loss(model, x, y)
         acc.backward(loss)
         grad_norm = None
-        if acc.sync_gradients and (cfg.train.clip_grad or want_norm):
-            grad_norm = acc.clip_grad_norm_(model.parameters(),
-                                            cfg.train.clip_grad or float("inf"))
+        if acc.sync_gradients and (clip or want_norm):
+            grad_norm = acc.clip_grad_norm_(model.parameters(), clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
 
 
-def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loader,
-          plan: Plan, cursor: Cursor, ckpt: CheckpointManager, tracker: Tracker,
-          stop: StopFlag, run_id: str | None) -> dict[str, float]:
+def _loop(run: Session, state: TrainState) -> dict[str, float]:
     from tqdm.auto import tqdm
+
+    cfg, acc, tracker, stop = run.cfg, run.acc, run.tracker, run.stop
+    model, optimizer, scheduler, ema = state.model, state.optimizer, state.scheduler, state.ema
+    cursor, plan = state.cursor, state.plan
 
     rank = acc.process_index
     # Piped output (a flow streaming into Prefect logs) gets a line per refresh: refresh less.
@@ -365,12 +373,12 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
     model.train()
 
     def save(step: int) -> str:
-        state = {"cursor": asdict(cursor), "scheduler": scheduler.state_dict(), "step": step,
+        meta = {"cursor": asdict(cursor), "scheduler": scheduler.state_dict(), "step": step,
                  "mode": cfg.mode, "world_size": plan.world_size, "micro_batch": plan.micro_batch,
                  "accum_steps": plan.accum_steps, "num_workers": cfg.data.num_workers,
-                 "mlflow_run_id": run_id,
+                 "mlflow_run_id": run.run_id,
                  "model": cfg.model.name, "time": time.time()}
-        uri = ckpt.save(step, state, ema)
+        uri = run.ckpt.save(step, meta, ema)
         tracker.set_tags({"vitpipe.checkpoint": uri})
         return uri
 
@@ -380,13 +388,13 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
         n_steps = min(plan.steps_per_epoch - cursor.batch_in_epoch,
                       plan.total_steps - cursor.step)
         start_sample = cursor.batch_in_epoch * plan.accum_steps * plan.micro_batch
-        loader = train_loader(cursor.epoch, start_sample)
+        loader = run.train_loader(cursor.epoch, start_sample)
         seed = (cfg.seed * 1_000_003 + cursor.epoch * 1009 + rank) % 2**63
         for x, y in _batches(loader, n_steps * plan.accum_steps, seed):
             x = x.to(acc.device, non_blocking=True)
             y = y.to(acc.device, non_blocking=True)
             want_norm = (cursor.step + 1) % cfg.log_every_n_steps == 0
-            loss, grad_norm = train_step(acc, model, optimizer, x, y, cfg, mix, want_norm)
+            loss, grad_norm = train_step(acc, model, optimizer, run.task, x, y, want_norm)
             pair = torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
             window_loss += pair
             epoch_loss += pair
@@ -442,11 +450,12 @@ def _loop(cfg, acc, model, optimizer, scheduler, ema, mix, train_loader, val_loa
         if finished_epoch:  # bad samples skipped in this epoch's pass (0 when all were good)
             epoch_metrics["skipped_samples_train"] = skipped_samples(acc, loader)
         last = cursor.step >= plan.total_steps
-        if val_loader is not None and (last or (finished_epoch and cursor.epoch % eval_every == 0)):
-            epoch_metrics["val_top1"] = top1(acc, model, val_loader)
-            epoch_metrics["skipped_samples_val"] = skipped_samples(acc, val_loader)
+        val = run.val_loader
+        if val is not None and (last or (finished_epoch and cursor.epoch % eval_every == 0)):
+            epoch_metrics["val_top1"] = top1(acc, model, val)
+            epoch_metrics["skipped_samples_val"] = skipped_samples(acc, val)
             if ema is not None:
-                epoch_metrics["val_top1_ema"] = top1(acc, ema.module, val_loader)
+                epoch_metrics["val_top1_ema"] = top1(acc, ema.module, val)
         tracker.log_metrics(epoch_metrics, step=cursor.step)
         metrics.update({k: v for k, v in epoch_metrics.items() if k != "epoch"})
         shown = " ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items() if k != "epoch")
