@@ -69,8 +69,8 @@ def _read_all(tmp_path, raw: bytes, every: int = 1) -> list[tuple[str, dict[str,
     c = _cursor(tmp_path, raw)
     out = []
     i = 0
-    while (got := c.read(i)) is not None:
-        out.append(got)
+    while got := c.read_many(i, 1):
+        out += got
         i += every
     c.close()
     return out
@@ -127,7 +127,7 @@ def test_random_shards_at_any_chunk_boundary(tmp_path, monkeypatch, chunk, gener
     assert _read_all(tmp_path, raw) == ref
     assert _read_all(tmp_path, raw, every=7) == ref[::7]
     c = _cursor(tmp_path, raw)
-    assert c.read(299) == ref[299] and c.read(300) is None and c.index == 299
+    assert c.read_many(299, 1) == [ref[299]] and c.read_many(300, 1) == [] and c.index == 299
 
 
 def test_ordinary_members_take_the_numpy_path(tmp_path, monkeypatch):
@@ -219,8 +219,8 @@ def test_cursor_groups_samples_and_refuses_unsafe_members(tmp_path):
     raw = _tar([("k1.cls", b"1"), ("k1.png", b"p1"), ("__meta__", b"m"), ("k2.cls", b"2"),
                 ("k2.png", b"p2"), ("k3.png", b"p3")])
     c = _cursor(tmp_path, raw)
-    assert c.read(1) == ("k2", {"cls": b"2", "png": b"p2"})  # k1 skipped
-    assert c.read(2) == ("k3", {"png": b"p3"}) and c.read(3) is None
+    assert c.read_many(1, 1) == [("k2", {"cls": b"2", "png": b"p2"})]  # k1 skipped
+    assert c.read_many(2, 1) == [("k3", {"png": b"p3"})] and c.read_many(3, 1) == []
     c.close()
     with pytest.raises(UnsafeShardError, match="is a link"):
         _cursor(tmp_path, _tar([("k1.png", "/etc/passwd")]))
@@ -231,7 +231,7 @@ def test_cursor_groups_samples_and_refuses_unsafe_members(tmp_path):
         _cursor(tmp_path, b"\0\1" * 600)
     c = _cursor(tmp_path, _tar([("k1.png", b"x" * 600), ("k2.png", b"y" * 600)])[:2300])
     with pytest.raises(ShardError, match="truncated inside sample 'k2'"):
-        c.read(1)
+        c.read_many(1, 1)
     with pytest.raises(ShardError, match="sample 'k1' has two 'png' members"):
         _read_all(tmp_path, _tar([("k1.png", b"a"), ("k1.PNG", b"b")]))
 

@@ -20,7 +20,6 @@ from .registry import RegisterConfig
 from .tracking import TrackingConfig
 from .train import TrainConfig
 
-SHARED = ("seed", "model", "data", "tracking")
 STAGE_NAMES = ("shard", "pretrain", "finetune", "evaluate", "register")
 _TARGETS = {
     "pretrain": ("seed", "model", "data", "tracking"),
@@ -124,7 +123,6 @@ class PipelineConfig(StrictModel):
     register: RegisterConfig = RegisterConfig()
     launch: LaunchConfig = LaunchConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
-    work_dir: str = "runs"
 
     @model_validator(mode="before")
     @classmethod

@@ -249,16 +249,11 @@ class TarCursor:
             self.file.close()
             raise
 
-    def read(self, target: int) -> tuple[str, dict[str, bytes]] | None:
-        """Sample ``target`` (> the last one read) as (key, {ext: bytes}); None if the shard
-        ends first. Samples in between are skipped (their data is not copied)."""
-        got = self.read_many(target, 1)
-        return got[0] if got else None
-
     def read_many(self, first: int, count: int) -> list[tuple[str, dict[str, bytes]]]:
         """Samples ``first .. first + count - 1`` (``first`` > the last one read), fewer if the
         shard ends first or breaks after some of them (the next call raises its
-        :class:`ShardError`). One call for many samples: the loader reads runs of them."""
+        :class:`ShardError`). Samples before ``first`` are skipped (their data is not copied).
+        One call for many samples: the loader reads runs of them."""
         out: list[tuple[str, dict[str, bytes]]] = []
         end = first + count
         while first < end:

@@ -21,15 +21,14 @@ from .pos_embed import sincos_2d
 from .vit import VisionTransformer, _init_module
 
 
-def random_masking(n: int, len_keep: int, batch: int, device: torch.device | None = None,
-                   generator: torch.Generator | None = None
+def random_masking(n: int, len_keep: int, batch: int, device: torch.device | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random subset: (ids_keep (B, k), ids_restore (B, N), mask (B, N), 1 = masked).
 
     Sorting uniform noise gives a random permutation per sample; its first ``len_keep`` entries
     are kept, and ``ids_restore`` (the inverse permutation) puts tokens back in grid order.
     """
-    noise = torch.rand(batch, n, device=device, generator=generator)
+    noise = torch.rand(batch, n, device=device)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
