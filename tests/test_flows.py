@@ -200,8 +200,11 @@ def test_stop_forwards_sigterm_so_the_trainer_checkpoints(tmp_path: Path,
 
 # ------------------------------------------------------------------------------ make run
 @needs_fmnist
-def test_embedded_pipeline_runs_stages_as_subflows(tmp_path: Path, tiny_shards: str) -> None:
-    """`python -m flows.pipeline --config X` (the `make run` path) in Prefect's ephemeral mode."""
+@pytest.mark.parametrize("pretrain", [None, "supervised"], ids=["no-pretrain", "supervised-pt"])
+def test_embedded_pipeline_runs_stages_as_subflows(tmp_path: Path, tiny_shards: str,
+                                                   pretrain: str | None) -> None:
+    """`python -m flows.pipeline --config X` (the `make run` path) in Prefect's ephemeral mode;
+    with ``pretrain.mode: supervised`` that stage's classifier starts the fine-tune."""
     runs = tmp_path / "runs"
     preset = {
         "name": "embedded", "model": TINY_MODEL,
@@ -221,6 +224,11 @@ def test_embedded_pipeline_runs_stages_as_subflows(tmp_path: Path, tiny_shards: 
         "register": {"model_name": "embedded-vit"},
         "launch": {"cpu": True},
     }
+    if pretrain:
+        preset["pretrain"] = {"mode": pretrain, "train": preset["finetune"]["train"],
+                              "checkpoint": {"dir": str(runs / "pt" / "ckpt")},
+                              "output_dir": str(runs / "pt")}
+        preset["finetune"] |= {"mode": "finetune", "init": "set-by-the-pipeline"}
     path = tmp_path / "embedded.yaml"
     path.write_text(json.dumps(preset))
     env = {k: v for k, v in os.environ.items()
@@ -242,6 +250,15 @@ def test_embedded_pipeline_runs_stages_as_subflows(tmp_path: Path, tiny_shards: 
     assert str(runs / "eval") in out  # where the plots are
     assert "stages run in-process as subflows" in res.stderr + out
     assert "reused cached manifest" in res.stderr + out  # the shard stage reused the shards
+    if pretrain:
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("embedded").experiment_id
+        modes = {r.data.tags["vitpipe.mode"]: r.data.params
+                 for r in client.search_runs([exp]) if "vitpipe.mode" in r.data.tags}
+        assert modes.keys() >= {"supervised", "finetune"}, modes.keys()
+        assert modes["finetune"]["init"] == str(runs / "pt" / "model.safetensors")
 
 
 def test_embedded_server_gets_time_to_start_unless_the_user_chose(monkeypatch) -> None:
