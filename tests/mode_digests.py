@@ -1,4 +1,5 @@
-"""SHA-256 of the final weights (tensors and metadata) of a tiny fixed-seed run of every training task.
+"""SHA-256 of the final weights (tensors and metadata) of a tiny fixed-seed run of every
+training task.
 
 Behaviour checks for engine refactors: run before and after a change on the same machine, and
 the digests must match (``python -m tests.mode_digests``). Not a test: the figures depend on

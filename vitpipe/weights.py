@@ -103,13 +103,26 @@ def load_timm_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ---- into a model ----------------------------------------------------------------------------
-def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+def strip_wrapper_prefix(name: str) -> str:
+    """``name`` without the DDP (``module.``) / ``torch.compile`` (``_orig_mod.``) prefixes
+    that wrappers put in front of parameter names, however they are nested. The one place
+    vitpipe strips them: checkpoints, exports and optimizer groups all go through it."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def unwrap_module(model: nn.Module) -> nn.Module:
+    """The module under DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers,
+    which hide the model's own methods (``no_weight_decay``, ``layer_id``)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with every key passed through :func:`strip_wrapper_prefix`."""
+    return {strip_wrapper_prefix(k): v for k, v in sd.items()}
 
 
 def shape_mismatch(saved: dict[str, tuple[int, ...]], own: dict[str, tuple[int, ...]]) -> str:
@@ -128,6 +141,23 @@ def shape_mismatch(saved: dict[str, tuple[int, ...]], own: dict[str, tuple[int, 
     return "; ".join(parts)
 
 
+def check_architecture(ckpt_file: str | Path, model: nn.Module, where: str,
+                       hint: str = "Point checkpoint.dir/--resume elsewhere or fix the model "
+                                   "config.") -> None:
+    """Raise :class:`CheckpointError` naming keys if the safetensors file ``ckpt_file`` does
+    not fit ``model`` (names compared without wrapper prefixes; only headers are read)."""
+    with safe_open(str(ckpt_file), framework="pt") as f:
+        saved = {strip_wrapper_prefix(k): tuple(f.get_slice(k).get_shape())
+                 for k in f.keys()}  # noqa: SIM118
+    own = {strip_wrapper_prefix(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = shape_mismatch(saved, own)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {where} is from another architecture than the configured model: "
+            + problems + ". " + hint
+        )
+
+
 def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_SHOWN]) + (f" (+{len(keys) - _MAX_SHOWN} more)"
                                            if len(keys) > _MAX_SHOWN else "")
@@ -140,7 +170,7 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
     ``mapped`` (``norm`` <-> ``fc_norm`` when pooling differs), ``ignored`` (e.g. MAE decoder).
     Raises ``CheckpointError`` naming missing, unexpected and mis-shaped keys otherwise.
     """
-    sd = _strip_wrappers(state_dict)
+    sd = strip_wrappers(state_dict)
     target = model.state_dict()
     report: dict[str, Any] = {"resampled": [], "reinitialized": [], "mapped": [], "ignored": []}
 

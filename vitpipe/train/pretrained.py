@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..weights import strip_wrappers
 from . import remote
-from .checkpoint import MODEL_FILE, strip_prefixes
+from .checkpoint import MODEL_FILE
 
 _CANDIDATES = ("encoder.safetensors", MODEL_FILE, "weights/model.safetensors")
 
@@ -32,7 +33,7 @@ def _pick_file(path: Path, uri: str) -> Path:
 def encoder_weights(state: dict[str, torch.Tensor], uri: str,
                     model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The classifier-shaped encoder part of ``state``; :class:`CheckpointError` if none."""
-    state = {strip_prefixes(k): v for k, v in state.items()}
+    state = strip_wrappers(state)
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     own = set(model.state_dict())
