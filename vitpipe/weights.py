@@ -163,6 +163,36 @@ def _shown(keys: list[str]) -> str:
                                            if len(keys) > _MAX_SHOWN else "")
 
 
+CLASSIFIER_FILE = "model.safetensors"  # what a run exports under weights/
+
+
+def load_classifier_weights(model: nn.Module, local_path: str | Path, where: str) -> nn.Module:
+    """Load a trained classifier's weights into ``model`` exactly (no resampling, no head
+    re-init): evaluation and the registered pyfunc both load through here.
+
+    ``local_path`` is a safetensors file or a directory holding ``model.safetensors``;
+    ``where`` (the URI the user gave) is what errors name. Wrapper prefixes are stripped; a
+    file of another architecture is a :class:`CheckpointError` naming the keys.
+    """
+    path = Path(local_path)
+    if path.is_dir():
+        path = path / CLASSIFIER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"weights {where} not found ({path})")
+    try:
+        check_architecture(path, model, where, hint="Check model.name and its overrides "
+                           "against the run that produced the weights.")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"weights {where} ({path}) are not readable safetensors: "
+                              f"{err}") from None
+    state, _ = load_safetensors(path)
+    try:
+        model.load_state_dict(strip_wrappers(state), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights {where} do not fit {type(model).__name__}: {err}") from None
+    return model
+
+
 def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Load a ViT (or MAE / timm) state dict into ``model`` for fine-tuning or inference.
 

@@ -29,20 +29,12 @@ def load_classifier(cfg: EvaluateConfig, num_classes: int, uri: str, cache: Path
                     tracking_uri: str | None) -> torch.nn.Module:
     """Build ``cfg.model`` with the manifest's class count and load ``uri`` strictly."""
     from ..models import build_from_config
-    from ..train.checkpoint import check_architecture, strip_prefixes
     from ..train.remote import fetch_to_local
-    from ..weights import load_safetensors
+    from ..weights import load_classifier_weights
 
     local = fetch_to_local(uri, cache, cfg.data.s3, tracking_uri)
-    if local.is_dir():
-        local = local / "model.safetensors"
     model = build_from_config(cfg.model.model_copy(update={"num_classes": num_classes}))
-    check_architecture(local, model, uri)
-    state, _ = load_safetensors(local)
-    try:
-        model.load_state_dict({strip_prefixes(k): v for k, v in state.items()}, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"weights {uri} do not fit model {cfg.model.name}: {err}") from None
+    load_classifier_weights(model, local, uri)
     return model.eval()
 
 
