@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,47 @@ def load_timm_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not is_timm_state_dict(sd):
         raise CheckpointError(f"{path} does not look like a timm ViT (no 'pos_embed' tensor)")
     return convert_timm_state_dict(sd)
+
+
+# ---- from a URI ------------------------------------------------------------------------------
+def fetch_weights(uri: str, cache_dir: Path, s3: Any = None, tracking_uri: str | None = None
+                  ) -> Path:
+    """A local path for ``uri``: a path/``file://`` as is, ``s3://`` (a file or a prefix) or
+    ``runs:/``/``models:/``/``mlflow-artifacts:`` downloaded into ``cache_dir``."""
+    from . import storage
+
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if uri.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+        import mlflow.artifacts
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(cache_dir), tracking_uri=tracking_uri))
+        except Exception as err:
+            raise CheckpointError(f"cannot download {uri} from MLflow: {err}") from None
+    if storage.is_s3(uri):
+        local = cache_dir / Path(uri.rstrip("/")).name
+        if local.exists():
+            shutil.rmtree(local) if local.is_dir() else local.unlink()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if storage.exists(uri, s3=s3):
+                storage.download_file(uri, str(local), s3=s3)
+            else:
+                storage.download_prefix(uri, local, s3=s3)
+                if not local.exists():
+                    raise CheckpointError(f"{uri} does not exist")
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"cannot download {uri}: {err}") from None
+        return local
+    p = Path(os.path.expanduser(uri))
+    if not p.exists():
+        raise CheckpointError(f"{uri} does not exist")
+    return p
 
 
 # ---- into a model ----------------------------------------------------------------------------

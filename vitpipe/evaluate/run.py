@@ -29,10 +29,9 @@ def load_classifier(cfg: EvaluateConfig, num_classes: int, uri: str, cache: Path
                     tracking_uri: str | None) -> torch.nn.Module:
     """Build ``cfg.model`` with the manifest's class count and load ``uri`` strictly."""
     from ..models import build_from_config
-    from ..train.remote import fetch_to_local
-    from ..weights import load_classifier_weights
+    from ..weights import fetch_weights, load_classifier_weights
 
-    local = fetch_to_local(uri, cache, cfg.data.s3, tracking_uri)
+    local = fetch_weights(uri, cache, cfg.data.s3, tracking_uri)
     model = build_from_config(cfg.model.model_copy(update={"num_classes": num_classes}))
     load_classifier_weights(model, local, uri)
     return model.eval()

@@ -15,7 +15,6 @@ import torch
 
 from ..errors import CheckpointError
 from ..weights import strip_wrappers
-from . import remote
 from .checkpoint import MODEL_FILE
 
 _CANDIDATES = ("encoder.safetensors", MODEL_FILE, "weights/model.safetensors")
@@ -50,9 +49,9 @@ def encoder_weights(state: dict[str, torch.Tensor], uri: str,
 def load_init(model: torch.nn.Module, uri: str, cache_dir: Path, s3: Any = None,
               tracking_uri: str | None = None) -> Any:
     """Load ``uri``'s encoder into ``model``; returns ``load_pretrained``'s report."""
-    from ..weights import load_pretrained, load_safetensors
+    from ..weights import fetch_weights, load_pretrained, load_safetensors
 
-    local = _pick_file(remote.fetch_to_local(uri, cache_dir, s3, tracking_uri), uri)
+    local = _pick_file(fetch_weights(uri, cache_dir, s3, tracking_uri), uri)
     try:
         state, _meta = load_safetensors(local)
     except CheckpointError:
