@@ -77,9 +77,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: EvaluateConfig, acc) -> dict[str, Any]:
+    from .. import plots
     from ..data import make_loader, read_manifest
     from ..data.transforms import build_eval_transform
-    from . import plots
     from .metrics import classification_metrics
 
     tracker = Tracker(cfg.tracking, active=acc.is_main_process)
