@@ -333,3 +333,21 @@ def test_only_weights_py_knows_the_wrapper_prefixes() -> None:
     assert found == [], "wrapper prefixes are vitpipe.weights' business"
     assert any("_orig_mod" in t for t in _code_tokens(PACKAGE / "weights.py"))
 
+
+
+def test_relative_imports_resolve() -> None:
+    """Every relative import in vitpipe/ (lazy ones too) names a module that exists: moving a
+    module (as plots.py moved out of evaluate/) must not leave a dangling ``from ..x``."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        pkg = ["vitpipe", *path.relative_to(PACKAGE).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                if node.level > len(pkg):
+                    bad.append(f"{path.relative_to(PACKAGE)}: beyond the package")
+                    continue
+                parts = pkg[1:len(pkg) - node.level + 1] + (node.module or "").split(".")
+                target = PACKAGE.joinpath(*[p for p in parts if p])
+                if not (target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()):
+                    bad.append(f"{path.relative_to(PACKAGE)}: {node.module} (level {node.level})")
+    assert bad == []

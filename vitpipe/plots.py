@@ -117,7 +117,7 @@ def plot_attention(model, images: torch.Tensor, path: str | Path, labels: list[s
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None
                    ) -> Path:
     """Image over its attention-rollout heat map, one column per image."""
-    from ..models.interpret import attention_rollout, overlay
+    from .models.interpret import attention_rollout, overlay
 
     plt = _plt()
     model.eval()
