@@ -491,3 +491,12 @@ def download_file(uri: str, path: str | os.PathLike, s3: S3Config | None = None)
     with open_read(uri, s3) as src, atomic_write(path) as f:
         shutil.copyfileobj(src, f, 1 << 20)
     return path
+
+
+def download_prefix(prefix: str, path: str | os.PathLike, s3: S3Config | None = None
+                    ) -> list[Path]:
+    """Copy every file/object under ``prefix`` into the local directory ``path``, keeping
+    their relative paths; returns the local files."""
+    base = str(prefix).rstrip("/") + "/"
+    return [download_file(u, Path(path) / u[len(base):], s3=s3)
+            for u in list_uris(prefix, s3=s3) if u.startswith(base)]

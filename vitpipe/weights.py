@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -102,14 +103,68 @@ def load_timm_file(path: str | Path) -> dict[str, torch.Tensor]:
     return convert_timm_state_dict(sd)
 
 
+# ---- from a URI ------------------------------------------------------------------------------
+def fetch_weights(uri: str, cache_dir: Path, s3: Any = None, tracking_uri: str | None = None
+                  ) -> Path:
+    """A local path for ``uri``: a path/``file://`` as is, ``s3://`` (a file or a prefix) or
+    ``runs:/``/``models:/``/``mlflow-artifacts:`` downloaded into ``cache_dir``."""
+    from . import storage
+
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if uri.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+        import mlflow.artifacts
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(cache_dir), tracking_uri=tracking_uri))
+        except Exception as err:
+            raise CheckpointError(f"cannot download {uri} from MLflow: {err}") from None
+    if storage.is_s3(uri):
+        local = cache_dir / Path(uri.rstrip("/")).name
+        if local.exists():
+            shutil.rmtree(local) if local.is_dir() else local.unlink()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if storage.exists(uri, s3=s3):
+                storage.download_file(uri, str(local), s3=s3)
+            else:
+                storage.download_prefix(uri, local, s3=s3)
+                if not local.exists():
+                    raise CheckpointError(f"{uri} does not exist")
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"cannot download {uri}: {err}") from None
+        return local
+    p = Path(os.path.expanduser(uri))
+    if not p.exists():
+        raise CheckpointError(f"{uri} does not exist")
+    return p
+
+
 # ---- into a model ----------------------------------------------------------------------------
-def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+def strip_wrapper_prefix(name: str) -> str:
+    """``name`` without the DDP (``module.``) / ``torch.compile`` (``_orig_mod.``) prefixes
+    that wrappers put in front of parameter names, however they are nested. The one place
+    vitpipe strips them: checkpoints, exports and optimizer groups all go through it."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def unwrap_module(model: nn.Module) -> nn.Module:
+    """The module under DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers,
+    which hide the model's own methods (``no_weight_decay``, ``layer_id``)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with every key passed through :func:`strip_wrapper_prefix`."""
+    return {strip_wrapper_prefix(k): v for k, v in sd.items()}
 
 
 def shape_mismatch(saved: dict[str, tuple[int, ...]], own: dict[str, tuple[int, ...]]) -> str:
@@ -128,9 +183,56 @@ def shape_mismatch(saved: dict[str, tuple[int, ...]], own: dict[str, tuple[int, 
     return "; ".join(parts)
 
 
+def check_architecture(ckpt_file: str | Path, model: nn.Module, where: str,
+                       hint: str = "Point checkpoint.dir/--resume elsewhere or fix the model "
+                                   "config.") -> None:
+    """Raise :class:`CheckpointError` naming keys if the safetensors file ``ckpt_file`` does
+    not fit ``model`` (names compared without wrapper prefixes; only headers are read)."""
+    with safe_open(str(ckpt_file), framework="pt") as f:
+        saved = {strip_wrapper_prefix(k): tuple(f.get_slice(k).get_shape())
+                 for k in f.keys()}  # noqa: SIM118
+    own = {strip_wrapper_prefix(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = shape_mismatch(saved, own)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {where} is from another architecture than the configured model: "
+            + problems + ". " + hint
+        )
+
+
 def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_SHOWN]) + (f" (+{len(keys) - _MAX_SHOWN} more)"
                                            if len(keys) > _MAX_SHOWN else "")
+
+
+CLASSIFIER_FILE = "model.safetensors"  # what a run exports under weights/
+
+
+def load_classifier_weights(model: nn.Module, local_path: str | Path, where: str) -> nn.Module:
+    """Load a trained classifier's weights into ``model`` exactly (no resampling, no head
+    re-init): evaluation and the registered pyfunc both load through here.
+
+    ``local_path`` is a safetensors file or a directory holding ``model.safetensors``;
+    ``where`` (the URI the user gave) is what errors name. Wrapper prefixes are stripped; a
+    file of another architecture is a :class:`CheckpointError` naming the keys.
+    """
+    path = Path(local_path)
+    if path.is_dir():
+        path = path / CLASSIFIER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"weights {where} not found ({path})")
+    try:
+        check_architecture(path, model, where, hint="Check model.name and its overrides "
+                           "against the run that produced the weights.")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"weights {where} ({path}) are not readable safetensors: "
+                              f"{err}") from None
+    state, _ = load_safetensors(path)
+    try:
+        model.load_state_dict(strip_wrappers(state), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights {where} do not fit {type(model).__name__}: {err}") from None
+    return model
 
 
 def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -140,7 +242,7 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
     ``mapped`` (``norm`` <-> ``fc_norm`` when pooling differs), ``ignored`` (e.g. MAE decoder).
     Raises ``CheckpointError`` naming missing, unexpected and mis-shaped keys otherwise.
     """
-    sd = _strip_wrappers(state_dict)
+    sd = strip_wrappers(state_dict)
     target = model.state_dict()
     report: dict[str, Any] = {"resampled": [], "reinitialized": [], "mapped": [], "ignored": []}
 

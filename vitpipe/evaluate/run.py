@@ -29,20 +29,11 @@ def load_classifier(cfg: EvaluateConfig, num_classes: int, uri: str, cache: Path
                     tracking_uri: str | None) -> torch.nn.Module:
     """Build ``cfg.model`` with the manifest's class count and load ``uri`` strictly."""
     from ..models import build_from_config
-    from ..train.checkpoint import check_architecture, strip_prefixes
-    from ..train.remote import fetch_to_local
-    from ..weights import load_safetensors
+    from ..weights import fetch_weights, load_classifier_weights
 
-    local = fetch_to_local(uri, cache, cfg.data.s3, tracking_uri)
-    if local.is_dir():
-        local = local / "model.safetensors"
+    local = fetch_weights(uri, cache, cfg.data.s3, tracking_uri)
     model = build_from_config(cfg.model.model_copy(update={"num_classes": num_classes}))
-    check_architecture(local, model, uri)
-    state, _ = load_safetensors(local)
-    try:
-        model.load_state_dict({strip_prefixes(k): v for k, v in state.items()}, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"weights {uri} do not fit model {cfg.model.name}: {err}") from None
+    load_classifier_weights(model, local, uri)
     return model.eval()
 
 
@@ -86,9 +77,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: EvaluateConfig, acc) -> dict[str, Any]:
+    from .. import plots
     from ..data import make_loader, read_manifest
     from ..data.transforms import build_eval_transform
-    from . import plots
     from .metrics import classification_metrics
 
     tracker = Tracker(cfg.tracking, active=acc.is_main_process)

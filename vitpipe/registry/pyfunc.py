@@ -38,7 +38,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from ..errors import CheckpointError, DataError
+from ..errors import DataError
 from .images import ImageInputError, load_image, mode_for_channels
 
 INPUT_COLUMN = "image"
@@ -77,17 +77,9 @@ def build_network(train_cfg: Any, manifest: Any) -> torch.nn.Module:
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load safetensors weights strictly; a mismatch is a CheckpointError naming the keys."""
-    from ..weights import load_safetensors
+    from ..weights import load_classifier_weights
 
-    state, _ = load_safetensors(str(path))
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        raise CheckpointError(f"weights {path} do not fit the configured model: {err}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"weights {path} do not fit the configured model: missing "
-            f"{list(result.missing_keys)[:8]}, unexpected {list(result.unexpected_keys)[:8]}")
+    load_classifier_weights(model, path, str(path))
 
 
 class VitClassifier(mlflow.pyfunc.PythonModel):

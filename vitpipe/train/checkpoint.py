@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..weights import shape_mismatch
+from ..weights import check_architecture
+from ..weights import strip_wrapper_prefix as strip_prefixes  # noqa: F401 (for artifacts.py)
 from . import remote
 
 STATE_FILE = "vitpipe_state.json"
@@ -37,7 +38,6 @@ MARKER = "COMPLETE"
 EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.safetensors"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 def step_name(step: int) -> str:
@@ -55,33 +55,6 @@ def rng_fingerprint() -> str:
         for s in torch.cuda.get_rng_state_all():
             h.update(s.numpy().tobytes())
     return h.hexdigest()
-
-
-def strip_prefixes(name: str) -> str:
-    """Drop DDP/compile wrapper prefixes so checkpoints compare across wrappers."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return name
-
-
-def check_architecture(ckpt_file: Path, model: torch.nn.Module, where: str) -> None:
-    """Raise :class:`CheckpointError` naming keys if ``ckpt_file`` does not fit ``model``."""
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt_file), framework="pt") as f:
-        saved = {strip_prefixes(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    own = {strip_prefixes(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = shape_mismatch(saved, own)
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {where} is from another architecture than the configured model: "
-            + problems
-            + ". Point checkpoint.dir/--resume elsewhere or fix the model config."
-        )
 
 
 class CheckpointManager:

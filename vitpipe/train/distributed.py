@@ -22,7 +22,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..errors import TrainingError, VitpipeError
-from .checkpoint import strip_prefixes
+from ..weights import strip_wrapper_prefix
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -155,7 +155,7 @@ def param_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter's bytes (fp32, CPU), in name order."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
-        h.update(strip_prefixes(name).encode())
+        h.update(strip_wrapper_prefix(name).encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 

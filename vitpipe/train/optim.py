@@ -15,28 +15,15 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from ..weights import strip_wrapper_prefix, unwrap_module
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
     """Names of parameters exempt from weight decay: the model's list plus every ``ndim <= 1``."""
-    base = _unwrap(model)
+    base = unwrap_module(model)
     listed = set(base.no_weight_decay()) if hasattr(base, "no_weight_decay") else set()
     return {name for name, p in model.named_parameters()
-            if p.ndim <= 1 or _bare(name) in listed}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP/compile wrappers (they hide ``no_weight_decay``/``layer_id``)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = model.module if hasattr(model, "module") else model._orig_mod
-    return model
-
-
-def _bare(name: str) -> str:
-    for p in ("module.", "_orig_mod."):
-        while name.startswith(p):
-            name = name[len(p):]
-    return name
+            if p.ndim <= 1 or strip_wrapper_prefix(name) in listed}
 
 
 def param_groups(
@@ -50,7 +37,7 @@ def param_groups(
     layer ``i`` gets ``lr_scale = layer_decay ** (depth + 1 - i)`` (the head: 1.0), as in MAE.
     """
     exempt = no_decay_names(model)
-    base = _unwrap(model)
+    base = unwrap_module(model)
     num_layers = None
     if layer_decay is not None:
         if not hasattr(base, "layer_id") or not hasattr(base, "depth"):
@@ -61,7 +48,7 @@ def param_groups(
         if not p.requires_grad:
             continue
         decay = name not in exempt
-        layer = int(base.layer_id(_bare(name))) if num_layers is not None else 0
+        layer = int(base.layer_id(strip_wrapper_prefix(name))) if num_layers is not None else 0
         if num_layers is not None and not 0 <= layer <= num_layers:
             raise ValueError(f"layer_id({name!r}) = {layer} outside [0, {num_layers}]")
         scale = layer_decay ** (num_layers - layer) if num_layers is not None else 1.0

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from . import remote
-from .checkpoint import MODEL_FILE, strip_prefixes
+from ..weights import strip_wrappers
+from .checkpoint import MODEL_FILE
 
 _CANDIDATES = ("encoder.safetensors", MODEL_FILE, "weights/model.safetensors")
 
@@ -32,7 +32,7 @@ def _pick_file(path: Path, uri: str) -> Path:
 def encoder_weights(state: dict[str, torch.Tensor], uri: str,
                     model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The classifier-shaped encoder part of ``state``; :class:`CheckpointError` if none."""
-    state = {strip_prefixes(k): v for k, v in state.items()}
+    state = strip_wrappers(state)
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     own = set(model.state_dict())
@@ -49,9 +49,9 @@ def encoder_weights(state: dict[str, torch.Tensor], uri: str,
 def load_init(model: torch.nn.Module, uri: str, cache_dir: Path, s3: Any = None,
               tracking_uri: str | None = None) -> Any:
     """Load ``uri``'s encoder into ``model``; returns ``load_pretrained``'s report."""
-    from ..weights import load_pretrained, load_safetensors
+    from ..weights import fetch_weights, load_pretrained, load_safetensors
 
-    local = _pick_file(remote.fetch_to_local(uri, cache_dir, s3, tracking_uri), uri)
+    local = _pick_file(fetch_weights(uri, cache_dir, s3, tracking_uri), uri)
     try:
         state, _meta = load_safetensors(local)
     except CheckpointError:
