@@ -268,7 +268,7 @@ def test_fetch_weights_downloads_an_s3_prefix(tmp_path: Path, monkeypatch) -> No
 # ---- one place for the wrappers, no train <-> evaluate imports -------------------------------
 # artifacts.py (owned by the engine rewrite) still imports vitpipe.evaluate.plots, which now
 # re-exports vitpipe.plots; drop this entry once it imports ``from ..plots`` instead.
-_PENDING = {("train/artifacts.py", "vitpipe.evaluate.plots")}
+_PENDING: set[tuple[str, str]] = set()
 
 
 def _imports(source: str, pkg: list[str]) -> set[str]:

@@ -14,7 +14,7 @@ from ..config import TrainConfig
 from ..config.base import SECRET_MARKERS
 from ..errors import VitpipeError
 from ..tracking import Tracker
-from .checkpoint import strip_prefixes
+from ..weights import strip_wrapper_prefix
 from .ema import ModelEma
 
 
@@ -108,7 +108,7 @@ def export_encoder(cfg: TrainConfig, acc, model, ema: ModelEma | None, out_dir: 
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {strip_prefixes(k): v.detach().float().cpu().contiguous() if v.is_floating_point()
+    return {strip_wrapper_prefix(k): v.detach().float().cpu().contiguous() if v.is_floating_point()
             else v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -117,7 +117,7 @@ def _log_reconstructions(mae, cfg: TrainConfig, acc, out_dir: Path, tracker: Tra
     """MAE runs end with a masked / reconstruction / original figure (logged under plots/)."""
     from ..data import make_loader
     from ..data.transforms import build_eval_transform
-    from ..evaluate.plots import plot_mae_reconstructions
+    from ..plots import plot_mae_reconstructions
 
     split = "val" if "val" in manifest.splits else "train"
     tf = build_eval_transform(cfg.data.augment, manifest, mae.encoder.img_size)

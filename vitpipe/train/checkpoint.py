@@ -30,7 +30,6 @@ import torch
 
 from ..errors import CheckpointError
 from ..weights import check_architecture
-from ..weights import strip_wrapper_prefix as strip_prefixes  # noqa: F401 (for artifacts.py)
 from . import remote
 
 STATE_FILE = "vitpipe_state.json"

@@ -8,9 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# fetch_to_local: a URI's local copy; it lives in vitpipe.weights (evaluation uses it too)
-from ..weights import fetch_weights as fetch_to_local  # noqa: F401
-
 
 def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")

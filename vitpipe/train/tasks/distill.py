@@ -27,12 +27,10 @@ class Distill(Task):
 
     def setup(self, model: torch.nn.Module, ctx: Setup) -> str:
         from ...models import build_from_config
-        from ...weights import load_safetensors
-        from ..checkpoint import strip_prefixes
-        from ..remote import fetch_to_local
+        from ...weights import fetch_weights, load_safetensors, strip_wrappers
 
         uri = self.cfg.distill.teacher
-        local = _safetensors_in(fetch_to_local(uri, ctx.out_dir / ".teacher_cache",
+        local = _safetensors_in(fetch_weights(uri, ctx.out_dir / ".teacher_cache",
                                                self.cfg.data.s3, ctx.tracking_uri), uri)
         state, meta = load_safetensors(local)
         if "model" not in meta or "num_classes" not in meta:
@@ -45,7 +43,7 @@ class Distill(Task):
                                   f"{model.num_classes}")
         teacher = build_from_config(arch.model_copy(update={"num_classes": classes}))
         try:
-            teacher.load_state_dict({strip_prefixes(k): v for k, v in state.items()})
+            teacher.load_state_dict(strip_wrappers(state))
         except RuntimeError as err:
             raise CheckpointError(f"teacher {uri} does not fit its own metadata: {err}") from None
         self.teacher = teacher.eval().requires_grad_(False).to(ctx.acc.device)
