@@ -67,7 +67,7 @@ class StageRunner:
         self.log = get_run_logger()
         orch = cfg.orchestration
         self.deployment = orch.deployment or current_deployment.get_name()
-        self.mode = self._choose(orch.stages)
+        self.stages_as = self._choose(orch.stages)
         self.timings: dict[str, dict[str, float]] = {}
 
     def _choose(self, wanted: str) -> str:
@@ -113,7 +113,7 @@ class StageRunner:
 
     def run(self, stage: str, **params: Any) -> dict[str, Any]:
         t0 = time.monotonic()
-        if self.mode == "subflows":
+        if self.stages_as == "subflows":
             fn = STAGE_FLOWS[stage]
             if stage in TRAINING_STAGES:
                 fn = fn.with_options(retries=self.cfg.launch.max_retries)
@@ -258,7 +258,7 @@ def pipeline(
     own = sum(t["own"] for t in runner.timings.values())
     summary = {
         "name": cfg.name,
-        "stages_ran_as": runner.mode,
+        "stages_ran_as": runner.stages_as,
         "manifest_uri": manifest,
         "shard_cached": shard_res.get("cached"),
         "pretrain_run_id": pre["run_id"] if pre else None,
