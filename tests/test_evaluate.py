@@ -139,7 +139,7 @@ def test_evaluate_and_register_chain_from_a_training_run_id(trained, capsys):
     assert cli_main(["evaluate", "--run", mae.info.run_id, *base]) == 2
     assert "MAE pretraining leaves only an encoder" in capsys.readouterr().err
     assert cli_main(["evaluate", "--run", "latest", *base, "tracking.experiment=nothing"]) == 2
-    assert "no finished supervised/finetune run" in capsys.readouterr().err
+    assert "no finished distill/finetune/supervised run" in capsys.readouterr().err
 
     assert cli_main(["register", "--run", "latest", *base[:2], "model_name=chain-tiny"]) == 0
     reg = json.loads(capsys.readouterr().out)

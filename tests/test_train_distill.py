@@ -93,8 +93,7 @@ def _share_of(model_path: str, shards: str, cls: int) -> float:
 
 def test_a_teacher_that_always_says_3_pulls_the_student_to_3_then_it_registers(tmp_path,
                                                                               shards):
-    from vitpipe.config import EvaluateConfig
-    from vitpipe.evaluate import evaluate
+    from vitpipe.cli import main as cli_main
     from vitpipe.registry import register
 
     teacher = _always(FAVOURITE, tmp_path / "t.safetensors")
@@ -110,10 +109,10 @@ def test_a_teacher_that_always_says_3_pulls_the_student_to_3_then_it_registers(t
 
     store = f"sqlite:///{tmp_path / 'a0.0'}/mlflow.db"  # the alpha=0 run's own store
     tracking = TrackingConfig(uri=store, experiment="test")
-    evaluate(EvaluateConfig(run_id=runs[0.0]["run_id"], tracking=tracking,
-                            model=MODEL, output_dir=str(tmp_path / "eval"),
-                            num_attention_images=0,
-                            data={"manifest": shards, "num_workers": 0}))
+    # a distill run is a classifier's run: `vitpipe evaluate --run` takes it like any other
+    assert cli_main(["evaluate", "--run", runs[0.0]["run_id"], f"tracking.uri={store}",
+                     "tracking.experiment=test", f"output_dir={tmp_path / 'eval'}",
+                     "num_attention_images=0", "data.num_workers=0"]) == 0
     reg = register(RegisterConfig(model_name="distilled", run_id=runs[0.0]["run_id"],
                                   tracking=tracking))
     assert reg["promoted"] and reg["version"] == "1"

@@ -17,14 +17,21 @@ from .config import ConfigError, TrackingConfig
 from .errors import TrackingError
 from .tracking import Tracker, redact_uri
 
-# Modes whose runs end in a classifier (weights/model.safetensors): what evaluate/register take.
-CLASSIFIER_MODES = ("supervised", "finetune")
 _CONFIG_ARTIFACT = "config/train_config.json"
+
+
+def classifier_modes() -> list[str]:
+    """Modes whose runs end in a classifier (weights/model.safetensors): what evaluate and
+    register take."""
+    from .train.tasks import TASKS
+
+    return sorted(name for name, task in TASKS.items() if task.classifier)
 
 
 def find_training_run(cfg: TrackingConfig, ref: str) -> str:
     """The run id ``ref`` names: an id (checked to be a classifier's training run) or
     ``latest``, the newest finished one in ``cfg.experiment``."""
+    modes = classifier_modes()
     tracker = Tracker(cfg)
     tracker.check()
     client, where = tracker.client, redact_uri(tracker.uri)
@@ -34,19 +41,19 @@ def find_training_run(cfg: TrackingConfig, ref: str) -> str:
         except Exception as err:
             raise TrackingError(f"MLflow run '{ref}' not found at {where}: {err}") from None
         mode = run.data.tags.get("vitpipe.mode")
-        if mode not in CLASSIFIER_MODES:
+        if mode not in modes:
             raise ConfigError(f"run '{ref}' is a '{mode}' run, not a classifier's training run "
-                              f"({'/'.join(CLASSIFIER_MODES)}): MAE pretraining leaves only an "
-                              "encoder; pass the fine-tuning run's id")
+                              f"({'/'.join(modes)}): it leaves no classifier (MAE pretraining "
+                              "leaves only an encoder); pass the fine-tuning run's id")
         return ref
     exp = client.get_experiment_by_name(cfg.experiment)
     runs = [] if exp is None else client.search_runs(
         [exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=100)
     for run in runs:
-        if run.data.tags.get("vitpipe.mode") in CLASSIFIER_MODES:
+        if run.data.tags.get("vitpipe.mode") in modes:
             return run.info.run_id
-    raise ConfigError(f"--run latest: no finished {'/'.join(CLASSIFIER_MODES)} run in MLflow "
+    raise ConfigError(f"--run latest: no finished {'/'.join(modes)} run in MLflow "
                       f"experiment '{cfg.experiment}' at {where}; train one first, or set "
                       "tracking.experiment=<name> to look elsewhere")
 
