@@ -82,12 +82,16 @@ def cpu_threads(launch: LaunchConfig, env: dict[str, str] | None = None,
 
 def accelerate_argv(launch: LaunchConfig, config_path: str | Path,
                     resume: str | None = None,
-                    result_file: str | Path | None = None) -> list[str]:
-    """The exact ``accelerate launch`` command for one machine of a training stage."""
+                    result_file: str | Path | None = None,
+                    mixed_precision: str = "no") -> list[str]:
+    """The exact ``accelerate launch`` command for one machine of a training stage.
+
+    ``mixed_precision`` is the stage's ``train.mixed_precision`` (declared once, there): the
+    trainer's ``Accelerator`` takes it too, and launch gets the same value."""
     argv = [sys.executable, "-m", "accelerate.commands.launch",
             "--num_processes", str(launch.num_processes * launch.num_machines),
             "--num_machines", str(launch.num_machines),
-            "--mixed_precision", launch.mixed_precision,
+            "--mixed_precision", mixed_precision,
             "--dynamo_backend", "no"]
     # accelerate 1.15 runs a single process under --cpu whatever --num_processes says, so
     # several processes always go through --multi_gpu (gloo on a host without GPUs).
@@ -200,7 +204,8 @@ def run_training_process(
         cfg_path = Path(tmp) / "train_config.json"
         cfg_path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         result_path = Path(tmp) / "result.json"
-        argv = accelerate_argv(launch, cfg_path, resume, result_file=result_path)
+        argv = accelerate_argv(launch, cfg_path, resume, result_file=result_path,
+                               mixed_precision=cfg.train.mixed_precision)
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env or {})}
         emit("launching: " + " ".join(argv))
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

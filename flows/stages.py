@@ -240,21 +240,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
 
 def per_class_accuracy(result: dict[str, Any]) -> dict[str, float]:
-    """``{class: accuracy}`` from an evaluate() result, whatever shape it was given in."""
-    for key in ("per_class_accuracy", "per_class"):
-        val = result.get(key)
-        if isinstance(val, dict):
-            return {str(k): float(v) for k, v in val.items()}
-        if isinstance(val, list):
-            out = {}
-            for i, row in enumerate(val):
-                if isinstance(row, dict):
-                    name = row.get("class") or row.get("name") or str(i)
-                    out[str(name)] = float(row.get("accuracy", row.get("acc", 0.0)))
-                else:
-                    out[str(i)] = float(row)
-            return out
-    return {}
+    """``{class name: accuracy}``: ``evaluate()`` returns exactly this mapping."""
+    return {str(k): float(v) for k, v in result["per_class_accuracy"].items()}
 
 
 # ----------------------------------------------------------------------------- register

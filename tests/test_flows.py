@@ -63,9 +63,9 @@ def test_accelerate_command_for_one_and_many_machines(tmp_path: Path) -> None:
     i = one.index("--module")
     assert one[i:i + 5] == ["--module", "vitpipe.cli", "train", "--config", str(cfg)]
     assert one[-2:] == ["--resume", "auto"]
-    gpu = LaunchConfig(num_processes=8, num_machines=2, machine_rank=1, mixed_precision="bf16",
+    gpu = LaunchConfig(num_processes=8, num_machines=2, machine_rank=1,
                        main_process_ip="job-0.vitpipe-train", main_process_port=29500)
-    many = accelerate_argv(gpu, cfg)
+    many = accelerate_argv(gpu, cfg, mixed_precision="bf16")  # the stage's train.mixed_precision
     assert "--multi_gpu" in many
     assert many[many.index("--num_processes") + 1] == "16"  # total over machines
     assert many[many.index("--machine_rank") + 1] == "1"

@@ -55,7 +55,6 @@ class LaunchConfig(StrictModel):
     machine_rank: int = Field(0, ge=0)
     main_process_ip: str | None = None
     main_process_port: int | None = Field(None, gt=0, lt=65536)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False
     # torch threads per training process where there is no GPU (or cpu=true). None: the
     # host's CPUs / processes per machine, or OMP_NUM_THREADS when set. accelerate alone
