@@ -285,3 +285,19 @@ def test_cli_config_show_of_a_stage_reads_its_preset_section(capsys) -> None:
     assert cli_main(["config", "show", "--stage", "train", "--section", "pretrain",
                      "--config", preset]) == 0
     assert json.loads(capsys.readouterr().out)["mode"] == "mae"
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("vit_tiny_patch4_28", {"patch_size": 5}, "model.patch_size=5 does not divide"),
+    ("vit_tiny_patch4_28", {"num_heads": 5}, "model.num_heads=5 does not divide"),
+    ("vit_tiny_conv7_28", {"patch_size": 1}, "model.stem=conv needs model.patch_size >= 2"),
+    ("vit_tiny_patch7_28", {"stem_widths": (16, 32)}, "model.stem_widths needs model.stem=conv"),
+    ("vit_tiny_conv4_28", {"stem_widths": (16,)}, "patch 4 needs at least 2 positive width"),
+    ("vit_tiny_patch4_28", {"pos_embed": "sincos", "embed_dim": 90, "num_heads": 3},
+     "model.pos_embed=sincos needs model.embed_dim divisible by 4"),
+])
+def test_each_shape_rule_is_checked_once_when_the_config_loads(name, overrides, message):
+    """The model modules do not repeat these checks: the config is their one place."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(name=name, **overrides)
+    ModelConfig(name=name)  # the variant itself is fine

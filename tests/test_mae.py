@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vitpipe.config import MAEConfig, ModelConfig
+from vitpipe.config.model import MODEL_DEFAULTS
 from vitpipe.models import MaskedAutoencoder, VisionTransformer, build_mae
 from vitpipe.models.mae import random_masking
 
@@ -13,8 +14,9 @@ from vitpipe.models.mae import random_masking
 def small_mae(ratio: float = 0.75, pool: str = "token", norm_pix: bool = False
               ) -> MaskedAutoencoder:
     torch.manual_seed(0)
-    enc = VisionTransformer(img_size=16, patch_size=4, in_chans=2, num_classes=0, embed_dim=32,
-                            depth=2, num_heads=4, global_pool=pool)
+    enc = VisionTransformer(**{**MODEL_DEFAULTS, **dict(
+        img_size=16, patch_size=4, in_chans=2, num_classes=0, embed_dim=32, depth=2,
+        num_heads=4, global_pool=pool)})
     return MaskedAutoencoder(enc, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
                              mask_ratio=ratio, norm_pix_loss=norm_pix)
 
@@ -109,8 +111,9 @@ def test_encoder_state_dict_loads_into_classifier() -> None:
     assert mae.encoder.num_classes == 0
     sd = mae.encoder_state_dict()
     assert not any(k.startswith(("head.", "decoder", "mask_token")) for k in sd)
-    clf = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96,
-                            depth=2, num_heads=3)
+    clf = VisionTransformer(**{**MODEL_DEFAULTS, **dict(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96, depth=2,
+        num_heads=3)})
     missing, unexpected = clf.load_state_dict(sd, strict=False)
     assert set(missing) == {"head.weight", "head.bias"} and not unexpected
     x = torch.randn(2, 1, 28, 28)

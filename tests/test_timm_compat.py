@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from vitpipe.config.model import MODEL_DEFAULTS
 from vitpipe.errors import CheckpointError
 from vitpipe.models import VisionTransformer, build_model
 from vitpipe.models.timm_compat import convert_timm_state_dict, is_timm_state_dict
@@ -31,8 +32,8 @@ def timm_vit(pool: str = "token", init_values: float | None = None, **kw) -> tor
 
 def ours_like(pool: str = "token", init_values: float | None = None, **kw) -> VisionTransformer:
     torch.manual_seed(1)
-    return VisionTransformer(**{**SHAPE, **kw}, global_pool=pool,
-                             layer_scale_init=init_values).eval()
+    return VisionTransformer(**{**MODEL_DEFAULTS, **SHAPE, **kw, "global_pool": pool,
+                                "layer_scale_init": init_values}).eval()
 
 
 @pytest.mark.parametrize(("pool", "init_values"), [("token", None), ("avg", None),

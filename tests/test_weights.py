@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitpipe.config.model import MODEL_DEFAULTS
 from vitpipe.errors import CheckpointError
 from vitpipe.models import MaskedAutoencoder, VisionTransformer
 from vitpipe.weights import (
@@ -35,7 +36,7 @@ SHAPE = dict(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32,
 
 def vit(seed: int = 0, **kw) -> VisionTransformer:
     torch.manual_seed(seed)
-    return VisionTransformer(**{**SHAPE, **kw}).eval()
+    return VisionTransformer(**{**MODEL_DEFAULTS, **SHAPE, **kw}).eval()
 
 
 def test_safetensors_round_trip(tmp_path: Path) -> None:

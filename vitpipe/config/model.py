@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 
 from .base import StrictModel
 
-_DEFAULTS: dict[str, Any] = dict(
+# Every VisionTransformer argument's default, declared here once (the module has none).
+MODEL_DEFAULTS: dict[str, Any] = dict(
     mlp_ratio=4.0, qkv_bias=True, pos_embed="learned", stem="patch", global_pool="token",
     drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, layer_scale_init=None,
     zero_head=False, tta_hflip=False, stem_widths=None,
@@ -43,7 +44,7 @@ def _variants() -> dict[str, dict[str, Any]]:
     for p in (4, 7):  # hybrid: a conv stem instead of patchify
         out[f"vit_tiny_conv{p}_28"] = dict(
             _FMNIST, patch_size=p, embed_dim=d, depth=depth, num_heads=heads, stem="conv")
-    return {k: {**_DEFAULTS, **v} for k, v in out.items()}
+    return {k: {**MODEL_DEFAULTS, **v} for k, v in out.items()}
 
 
 MODEL_VARIANTS: dict[str, dict[str, Any]] = _variants()

@@ -55,9 +55,7 @@ class ConvStem(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, widths: Sequence[int] | None = None) -> None:
         super().__init__()
-        if patch_size < 2:
-            raise ValueError(f"stem='conv' needs patch_size >= 2 (got {patch_size})")
-        n, r = patch_factors(patch_size)
+        n, r = patch_factors(patch_size)  # patch >= 2, enough widths: ModelConfig checks
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
@@ -66,9 +64,6 @@ class ConvStem(nn.Module):
         if widths is None:
             widths = ([max(embed_dim // 2 ** (n - i), 8) for i in range(n)]
                       or [max(embed_dim // 4, 8)])
-        if len(widths) < max(n, 1):
-            raise ValueError(f"patch {patch_size} needs at least {max(n, 1)} stem widths, "
-                             f"got {list(widths)}")
         first_strided = len(widths) - n  # stride-1 stages first, then the k halvings
         for i, cout in enumerate(widths):
             stride = 2 if i >= first_strided else 1
@@ -104,8 +99,6 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide embed_dim={dim}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5

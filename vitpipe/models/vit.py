@@ -27,29 +27,30 @@ class VisionTransformer(nn.Module):
 
     def __init__(
         self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        pos_embed: PosEmbedKind = "learned",
-        stem: Literal["patch", "conv"] = "patch",
-        global_pool: Literal["token", "avg"] = "token",
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        layer_scale_init: float | None = None,
-        zero_head: bool = False,
-        tta_hflip: bool = False,
-        stem_widths: Sequence[int] | None = None,
+        *,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        num_classes: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        pos_embed: PosEmbedKind,
+        stem: Literal["patch", "conv"],
+        global_pool: Literal["token", "avg"],
+        drop_rate: float,
+        attn_drop_rate: float,
+        drop_path_rate: float,
+        layer_scale_init: float | None,
+        zero_head: bool,
+        tta_hflip: bool,
+        stem_widths: Sequence[int] | None,
     ) -> None:
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"patch_size={patch_size} does not divide img_size={img_size}")
+        # Shape rules (patch divides image, heads divide width, conv stem needs), and every
+        # argument's default, live once: vitpipe.config.model (checked when a config loads).
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if stem not in ("patch", "conv"):
@@ -68,8 +69,6 @@ class VisionTransformer(nn.Module):
         if stem == "conv":
             self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_widths)
         else:
-            if stem_widths is not None:
-                raise ValueError("stem_widths needs stem='conv'")
             self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = (nn.Parameter(torch.zeros(1, 1, embed_dim))
                           if self.num_prefix_tokens else None)
