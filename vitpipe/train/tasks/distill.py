@@ -27,12 +27,12 @@ class Distill(Task):
 
     def setup(self, model: torch.nn.Module, ctx: Setup) -> str:
         from ...models import build_from_config
-        from ...weights import fetch_weights, load_safetensors, strip_wrappers
+        from ...weights import fetch_weights, load_classifier_weights, load_safetensors
 
         uri = self.cfg.distill.teacher
         local = _safetensors_in(fetch_weights(uri, ctx.out_dir / ".teacher_cache",
                                                self.cfg.data.s3, ctx.tracking_uri), uri)
-        state, meta = load_safetensors(local)
+        _, meta = load_safetensors(local)
         if "model" not in meta or "num_classes" not in meta:
             raise CheckpointError(f"teacher {uri}: {local.name} has no vitpipe model metadata "
                                   "(write it with vitpipe train, or register it)")
@@ -42,10 +42,7 @@ class Distill(Task):
             raise CheckpointError(f"teacher {uri} predicts {classes} classes; the manifest has "
                                   f"{model.num_classes}")
         teacher = build_from_config(arch.model_copy(update={"num_classes": classes}))
-        try:
-            teacher.load_state_dict(strip_wrappers(state))
-        except RuntimeError as err:
-            raise CheckpointError(f"teacher {uri} does not fit its own metadata: {err}") from None
+        load_classifier_weights(teacher, local, f"teacher {uri}")  # the one strict load
         self.teacher = teacher.eval().requires_grad_(False).to(ctx.acc.device)
         self.acc = ctx.acc
         n = sum(p.numel() for p in teacher.parameters())
