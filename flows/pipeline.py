@@ -114,10 +114,7 @@ class StageRunner:
     def run(self, stage: str, **params: Any) -> dict[str, Any]:
         t0 = time.monotonic()
         if self.stages_as == "subflows":
-            fn = STAGE_FLOWS[stage]
-            if stage in TRAINING_STAGES:
-                fn = fn.with_options(retries=self.cfg.launch.max_retries)
-            result = fn(**params)
+            result = STAGE_FLOWS[stage](**params)
         else:
             result = self._run_deployment(stage, params)
         wall = time.monotonic() - t0
@@ -147,6 +144,7 @@ class StageRunner:
             if state is not None and state.is_crashed() and attempt < resubmits:
                 self.log.warning("stage %s crashed (%s); resubmitting (%d/%d)", stage, msg,
                                  attempt + 1, resubmits)
+                time.sleep(self.cfg.launch.retry_delay_s)
                 continue
             raise StageFailed(f"stage {stage} (flow run {final.name}, {final.id}) ended "
                               f"{state.name if state else 'without a state'}: {msg}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import socket
 import time
@@ -21,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_image_artifact,
     create_markdown_artifact,
     create_table_artifact,
 )
-from prefect.runtime import flow_run
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run, task_run
 
 from vitpipe.config import EvaluateConfig, LaunchConfig, RegisterConfig, ShardConfig, TrainConfig
 
@@ -36,8 +36,6 @@ from .launch import run_training_process
 
 # Results are tiny dicts: JSON keeps them readable by any process and any Prefect version.
 RESULTS = {"persist_result": True, "result_serializer": "json"}
-TRAIN_RETRIES = int(os.environ.get("VITPIPE_TRAIN_RETRIES", LaunchConfig().max_retries))
-TRAIN_RETRY_DELAY = float(os.environ.get("VITPIPE_TRAIN_RETRY_DELAY", "5"))
 
 
 @contextlib.contextmanager
@@ -137,12 +135,15 @@ def shard(config: ShardConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- training
-def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[str, Any]:
-    """Launch the trainer as a child; on a retry, resume from the newest checkpoint."""
-    t0 = time.monotonic()
+@task(name="train-attempt", cache_policy=NO_CACHE, persist_result=False)
+def train_attempt(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[str, Any]:
+    """One ``accelerate launch`` of the trainer; a retry resumes from the newest checkpoint.
+
+    A task rather than the flow carries the retries so that ``launch.max_retries``, a run
+    parameter, sets them (a flow's own retries are fixed when its module is imported).
+    """
     log = get_run_logger()
-    announce_where(log, stage)
-    attempt = flow_run.get_run_count() or 1
+    attempt = task_run.get_run_count() or 1
     resume = None
     if attempt > 1:
         resume = "auto"
@@ -153,6 +154,17 @@ def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[
     env = {"PREFECT__FLOW_RUN_ID": run_ref, "VITPIPE_PREFECT_FLOW_RUN_ID": run_ref}
     result = run_training_process(config, launch, log, resume=resume, env=env,
                                   grace=launch.grace_seconds)
+    return {**result, "attempt": attempt}
+
+
+def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[str, Any]:
+    """Train under ``launch.max_retries`` attempts, then publish the run's summary artifact."""
+    t0 = time.monotonic()
+    announce_where(get_run_logger(), stage)
+    result = train_attempt.with_options(
+        retries=launch.max_retries, retry_delay_seconds=launch.retry_delay_s,
+    )(stage, config, launch)
+    attempt = result["attempt"]
     run_id = result.get("run_id")
     metrics = {k: v for k, v in (result.get("metrics") or {}).items()
                if isinstance(v, int | float)}
@@ -181,13 +193,13 @@ def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[
             "seconds": round(time.monotonic() - t0, 3)}
 
 
-@flow(name="pretrain", retries=TRAIN_RETRIES, retry_delay_seconds=TRAIN_RETRY_DELAY, **RESULTS)
+@flow(name="pretrain", **RESULTS)
 def pretrain(config: TrainConfig, launch: LaunchConfig = LaunchConfig()) -> dict[str, Any]:  # noqa: B008
     """Self-supervised (MAE) or supervised pretraining under ``accelerate launch``."""
     return run_training("pretrain", config, launch)
 
 
-@flow(name="finetune", retries=TRAIN_RETRIES, retry_delay_seconds=TRAIN_RETRY_DELAY, **RESULTS)
+@flow(name="finetune", **RESULTS)
 def finetune(config: TrainConfig, launch: LaunchConfig = LaunchConfig()) -> dict[str, Any]:  # noqa: B008
     """Fine-tuning (or supervised training) under ``accelerate launch``."""
     return run_training("finetune", config, launch)

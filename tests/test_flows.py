@@ -275,3 +275,51 @@ def test_embedded_server_gets_time_to_start_unless_the_user_chose(monkeypatch) -
     monkeypatch.setenv(timeout.name, "7")  # the user's own value is left alone
     with patient_embedded_server():
         assert timeout.value() == before
+
+
+_RETRY_SCRIPT = """
+import json, sys
+from flows.stages import finetune
+from vitpipe.config import LaunchConfig, TrainConfig
+cfg = TrainConfig.model_validate_json(sys.argv[1])
+try:
+    out = finetune(config=cfg, launch=LaunchConfig(cpu=True, max_retries=int(sys.argv[2]),
+                                                   retry_delay_s=0))
+except Exception as e:  # noqa: BLE001
+    out = {"error": f"{type(e).__name__}: {e}"}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@needs_fmnist
+@pytest.mark.parametrize("retries", [1, 0])
+def test_training_stage_retries_from_launch_config_and_resumes(tmp_path: Path, tiny_shards: str,
+                                                               retries: int) -> None:
+    """``launch.max_retries``, a run parameter, is the stage's retry count: a trainer killed
+    after step 3 is retried once, resuming from the step-2 checkpoint, or with 0 the stage
+    fails with the kill named."""
+    cfg = TrainConfig(model=TINY_MODEL, output_dir=str(tmp_path / "out"), mode="supervised",
+                      checkpoint={"dir": str(tmp_path / "ckpt"), "every_n_steps": 2},
+                      tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                      data={"manifest": tiny_shards, "batch_size": 16, "num_workers": 0},
+                      train={"epochs": 1, "max_steps": 5, "warmup_epochs": 0,
+                             "num_threads": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                "VITPIPE_FAULT_KILL_AT_STEP": "3", "VITPIPE_FAULT_ONCE": str(tmp_path / "once")})
+    res = subprocess.run([sys.executable, "-c", _RETRY_SCRIPT, cfg.model_dump_json(),
+                          str(retries)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    logs = res.stdout + res.stderr
+    assert res.returncode == 0, logs[-5000:]
+    out = json.loads(logs.split("RESULT ", 1)[1].splitlines()[0])
+    assert (tmp_path / "once").exists()  # the fault fired
+    if retries:
+        assert out.get("attempt") == 2 and out["steps"] == 5, logs[-5000:]
+        assert "attempt 2 of finetune: resuming from the newest checkpoint" in logs
+        assert "step_000000002" in logs  # the checkpoint it resumed from
+    else:
+        assert "error" in out and "SIGKILL" in out["error"], out
+        assert "attempt 2" not in logs

@@ -183,11 +183,11 @@ def test_docker_gpu_template_renders_image_gpus_and_env(prefect_server) -> None:
     template = json.loads((INFRA / "work-pools" / "docker-gpu.json").read_text())
     pool, job_vars = _pool_vars("docker", "finetune")
     assert pool == "vitpipe-docker-gpu" and POOLS[pool][1] == "docker-gpu.json"
-    values = {**job_vars, "env": {"VITPIPE_TRAIN_RETRIES": "3"}}
+    values = {**job_vars, "env": {"VITPIPE_EXAMPLE": "3"}}
     cfg = _render(DockerWorkerJobConfiguration, template, values, prefect_server.api_url)
     cfg.prepare_for_flow_run(_flow_run())
     assert cfg.image == "vitpipe:0.1.0"
-    assert cfg.env["VITPIPE_TRAIN_RETRIES"] == "3"
+    assert cfg.env["VITPIPE_EXAMPLE"] == "3"
     assert cfg.env["PREFECT__FLOW_RUN_ID"]
     assert "vitpipe-work:/var/lib/vitpipe" in cfg.volumes
     kwargs = cfg.container_create_kwargs

@@ -43,11 +43,10 @@ class LaunchConfig(StrictModel):
     """How training stages are launched (``accelerate launch`` arguments).
 
     ``num_processes`` is per machine (GPUs per node); accelerate receives the total.
-    ``max_retries``: with subflows, the training flows' Prefect retries (each resumes from the
-    newest checkpoint). With deployments the stage flow's own retries come from
-    ``VITPIPE_TRAIN_RETRIES`` in the worker/job environment (default 2, fixed when the flow is
-    loaded), and ``max_retries`` bounds how often the pipeline resubmits a stage run whose
-    infrastructure crashed (Prefect retries failed flow runs, not crashed ones).
+    ``max_retries`` is the one retry setting of a training stage: the stage flow retries its
+    training task that often, each retry resuming from the newest checkpoint, and with
+    deployments the pipeline also resubmits a stage run whose infrastructure crashed that
+    often (Prefect retries failed runs, not crashed ones). ``retry_delay_s`` waits between.
     """
 
     num_processes: int = Field(1, ge=1)
@@ -61,6 +60,7 @@ class LaunchConfig(StrictModel):
     # gives a GPU-less process without --cpu 1 thread (half of a 2-core machine).
     cpu_threads: int | None = Field(None, ge=1)
     max_retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(5.0, ge=0)
     grace_seconds: float = Field(60.0, gt=0)  # SIGTERM -> checkpoint -> exit, before SIGKILL
     # multi-node: a machine that never joins fails the rendezvous after this, not hangs
     rendezvous_timeout_s: int = Field(300, gt=0)

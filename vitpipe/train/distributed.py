@@ -123,13 +123,23 @@ class StopFlag:
 
 def fault_injection(step: int, rank: int) -> None:
     """Test hook: ``VITPIPE_FAULT_KILL_AT_STEP=k`` (and optional ``VITPIPE_FAULT_RANK=r``)
-    makes rank r (default: every rank) SIGKILL itself right after optimizer step k."""
+    makes rank r (default: every rank) SIGKILL itself right after optimizer step k. With
+    ``VITPIPE_FAULT_ONCE=path`` it fires only while that file does not exist (it creates it),
+    so a retry that resumes before step k gets past it."""
     at = os.environ.get("VITPIPE_FAULT_KILL_AT_STEP")
     if not at or int(at) != step:
         return
     who = os.environ.get("VITPIPE_FAULT_RANK")
-    if who is None or int(who) == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if who is not None and int(who) != rank:
+        return
+    once = os.environ.get("VITPIPE_FAULT_ONCE")
+    if once:
+        try:
+            with open(once, "x"):
+                pass
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def all_ok(acc, fn: Callable[[], Any]) -> Any:
