@@ -153,6 +153,47 @@ def _time(loader) -> tuple[float, float, int]:
     return dt, _cpu() - c0, n
 
 
+def tar_parse(m, reps: int) -> dict[str, float]:
+    """Why ``vitpipe.data.tario`` exists, measured: samples/s splitting the train shards into
+    samples without decoding, one process, ``TarCursor`` vs webdataset's own ``tarfile`` path
+    (``tar_file_iterator`` + ``group_by_keys``); and ``resume_skip``: reaching each shard's
+    last sample, as a mid-epoch resume does (``TarCursor`` skips without copying, ``tarfile``
+    must read every member)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from vitpipe.data.tario import TarCursor
+
+    shards = m.split("train").shards
+    urls = m.shard_urls("train")
+    n = sum(s.count for s in shards)
+
+    def ours(last_only: bool) -> None:
+        for url, s in zip(urls, shards, strict=True):
+            cur = TarCursor(url)
+            got = cur.read_many(s.count - 1, 1) if last_only else cur.read_many(0, s.count)
+            assert got, url
+            cur.close()
+
+    def theirs(last_only: bool) -> None:
+        for url, s in zip(urls, shards, strict=True):
+            with open(url, "rb") as f:
+                k = sum(1 for _ in group_by_keys(tar_file_iterator(f)))
+            assert k == s.count, (url, k, s.count)
+
+    best: dict[str, float] = {}
+    for _ in range(max(reps, 3)):
+        for key, fn, last in (("tario", ours, False), ("tarfile", theirs, False),
+                              ("tario_skip", ours, True), ("tarfile_skip", theirs, True)):
+            t0 = time.perf_counter()
+            fn(last)
+            best[key] = max(best.get(key, 0.0), n / (time.perf_counter() - t0))
+    return {"tar_parse_tario_samples_s": round(best["tario"]),
+            "tar_parse_tarfile_samples_s": round(best["tarfile"]),
+            "tar_parse_tario_over_tarfile": round(best["tario"] / best["tarfile"], 2),
+            "tar_parse_tarfile_us_per_sample": round(1e6 / best["tarfile"], 1),
+            "resume_skip_tario_over_tarfile": round(best["tario_skip"] / best["tarfile_skip"], 2)}
+
+
 def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int,
               only: set[str] | None = None) -> dict[str, float]:
     from torchvision.datasets import ImageFolder
@@ -198,7 +239,7 @@ def bench_set(name: str, tree: Path, out: Path, batch: int, reps: int,
             dt, cpu, n = _time(make())
             best[key] = max(best[key], n / dt)
             per_cpu[key] = max(per_cpu[key], n / cpu)
-    res = {"images": len(blobs), "shard_s": round(shard_s, 1),
+    res = {"images": len(blobs), "shard_s": round(shard_s, 1), **tar_parse(m, reps),
            **{f"{k}_img_s": round(v, 1) for k, v in best.items()},
            **{f"{k}_img_per_cpu_s": round(v, 1) for k, v in per_cpu.items()}}
     if "wds" in best and "wds_nocrc" in best:

@@ -95,11 +95,12 @@ def test_truncated_shard_names_the_shard(shards, refresh):
 
 def test_truncated_shard_is_a_counted_skip_when_allowed(shards):
     _truncate(shards, SHARD, 0.7, refresh=True)  # the tail of the shard is lost
-    loaders = [make_loader(shards, "train", 16, r, 2, 2, max_bad_fraction=1.0) for r in range(2)]
+    loaders = [make_loader(shards, "train", 16, r, 2, num_workers=2, max_bad_fraction=1.0)
+               for r in range(2)]
     counts = [len(_drain(ld)) for ld in loaders]
     assert counts == [500 // 32] * 2  # equal batch counts despite the lost samples
     assert sum(ld.bad_samples for ld in loaders) > 0
-    ev = [make_loader(shards, "train", 64, r, 2, 2, train=False, max_bad_fraction=1.0)
+    ev = [make_loader(shards, "train", 64, r, 2, num_workers=2, train=False, max_bad_fraction=1.0)
           for r in range(2)]
     labels = torch.cat([y for ld in ev for _, y in ld])
     assert int((labels >= 0).sum()) + sum(ld.bad_samples for ld in ev) == 500
@@ -107,7 +108,8 @@ def test_truncated_shard_is_a_counted_skip_when_allowed(shards):
 
 def test_shard_with_only_bad_samples_for_a_worker_says_so(shards):
     _truncate(shards, SHARD, 0.5, refresh=False)  # wrong size: the whole shard is unusable
-    loaders = [make_loader(shards, "train", 16, r, 2, 2, max_bad_fraction=1.0) for r in range(2)]
+    loaders = [make_loader(shards, "train", 16, r, 2, num_workers=2, max_bad_fraction=1.0)
+               for r in range(2)]
     with pytest.raises(DataError, match=f"is bad: {SHARD}.*truncated or replaced"):
         for ld in loaders:
             _drain(ld)

@@ -15,7 +15,8 @@ from vitpipe.data.transforms import build_train_transform
 
 
 def _run(uri, split, batch, rank=0, world=1, workers=2, **kw):
-    loader = make_loader(uri, split, batch, rank, world, workers, with_keys=True, **kw)
+    loader = make_loader(uri, split, batch, rank, world, num_workers=workers, with_keys=True,
+                         **kw)
     xs, ys, keys = [], [], []
     for x, y, k in loader:
         xs.append(x)
@@ -152,3 +153,19 @@ def test_read_runs_stay_in_one_shard_in_member_order_and_bounded():
             assert (np.diff(member[run]) == 1).all() and needed[run].all()
         pos = e
     assert end[[0, _READ_RUN, 2 * _READ_RUN]].tolist() == [_READ_RUN, 2 * _READ_RUN, 150]
+
+
+def test_reading_settings_come_from_the_config_and_unknown_ones_are_refused(tmp_path_factory):
+    from vitpipe.config import DataConfig
+
+    uri = small_fmnist(tmp_path_factory)
+    cfg = DataConfig(num_workers=0, shuffle_buffer=0, prefetch_factor=3)
+    a = make_loader(uri, "train", 16, data=cfg)
+    assert a.plan.num_workers == 1 and a.plan.shuffle_buffer == 0  # 0 workers: one, in-process
+    b = make_loader(uri, "train", 16, data=cfg, num_workers=2)  # a call's override wins
+    assert b.plan.num_workers == 2 and b.plan.shuffle_buffer == 0
+    assert len(list(b)) == len(b)
+    with pytest.raises(TypeError, match="shuffle_bufer"):
+        make_loader(uri, "train", 16, shuffle_bufer=10)
+    with pytest.raises(ValueError, match="num_workers"):  # validated like the config
+        make_loader(uri, "train", 16, num_workers=-1)

@@ -33,7 +33,7 @@ def test_shard_to_s3_and_load_back(s3_env, caplog):
         assert shard(cfg) == uri
     assert "nothing to do" in caplog.text
 
-    runs = [make_loader(uri, "train", 16, r, 2, 2, epoch=0, verify_sha256=True)
+    runs = [make_loader(uri, "train", 16, r, 2, num_workers=2, epoch=0, verify_sha256=True)
             for r in range(2)]
     counts = [sum(1 for _ in ld) for ld in runs]
     assert counts == [250 // 32] * 2

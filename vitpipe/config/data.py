@@ -81,6 +81,7 @@ class DataConfig(StrictModel):
     batch_size: int = Field(128, gt=0)  # per process, per step (before accumulation)
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(2, ge=0)
+    prefetch_factor: int = Field(2, ge=1)  # batches each loader worker keeps ready
     shuffle_buffer: int = Field(2000, ge=0)
     max_bad_fraction: float = Field(0.001, ge=0, le=1)
     verify_sha256: bool = False  # hash every shard before reading (slow on big data)

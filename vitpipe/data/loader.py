@@ -489,50 +489,57 @@ class ShardLoader:
                                 f"(manifest {self.manifest.uri})")
 
 
+# DataConfig fields a call may override by name (``make_loader(..., num_workers=0)``)
+READ_SETTINGS = frozenset({"num_workers", "shuffle_buffer", "max_bad_fraction", "verify_sha256",
+                           "verify_sample_crc", "prefetch_factor", "s3"})
+
+
 def make_loader(manifest_uri: str | Manifest, split: str, batch_size: int, rank: int = 0,
-                world_size: int = 1, num_workers: int = 2, epoch: int = 0,
-                transform: Callable | None = None, *, seed: int = 0, train: bool = True,
-                start_sample: int = 0, shuffle_buffer: int | None = None,
-                max_bad_fraction: float | None = None, verify_sha256: bool | None = None,
-                verify_sample_crc: bool | None = None,
-                s3: S3Config | None = None, data: DataConfig | None = None,
+                world_size: int = 1, *, data: DataConfig | None = None, epoch: int = 0,
+                start_sample: int = 0, train: bool = True, seed: int = 0,
+                transform: Callable | None = None, decode: str = "tensor",
                 with_keys: bool = False, pin_memory: bool = False,
-                prefetch_factor: int = 2, decode: str = "tensor") -> ShardLoader:
+                **settings: Any) -> ShardLoader:
     """One rank's loader for one epoch of ``split`` (see the module docstring for guarantees).
 
-    ``start_sample``: samples this rank already consumed in this epoch (a multiple of
-    ``batch_size``). Settings left ``None`` come from ``data`` (a :class:`DataConfig`), else its
-    defaults. ``with_keys`` adds each batch's sample keys (``""`` for padding).
-    ``decode="tensor"`` (default) hands ``transform`` uint8 ``tv_tensors.Image`` (C, H, W) in the
-    manifest's channels (torchvision's decoders: faster); ``"pil"`` hands it PIL images.
+    How shards are read (workers, shuffle buffer, error budget, checksums, S3) comes from
+    ``data`` (a :class:`DataConfig`, else its defaults); ``settings`` override those fields by
+    name and are validated like the config. The other arguments say which part of the data
+    this call reads: ``start_sample`` is what this rank already consumed in this epoch (a
+    multiple of ``batch_size``); ``with_keys`` adds each batch's sample keys (``""`` for
+    padding). ``decode="tensor"`` (default) hands ``transform`` uint8 ``tv_tensors.Image``
+    (C, H, W) in the manifest's channels (torchvision's decoders: faster); ``"pil"`` hands it
+    PIL images. ``pin_memory``: for a CUDA device.
     """
     if decode not in ("tensor", "pil"):
         raise DataError(f"decode must be 'tensor' or 'pil', got {decode!r}")
     d = data or DataConfig()
-    s3 = s3 or d.s3
+    if settings:
+        unknown = sorted(set(settings) - READ_SETTINGS)
+        if unknown:
+            raise TypeError(f"make_loader() got unknown setting(s) {unknown}; the DataConfig "
+                            f"fields it takes by name are {sorted(READ_SETTINGS)}")
+        d = DataConfig.model_validate({**d.model_dump(), **settings})
     manifest = (manifest_uri if isinstance(manifest_uri, Manifest)
-                else read_manifest(manifest_uri, s3))
+                else read_manifest(manifest_uri, d.s3))
     counts = [s.count for s in manifest.split(split).shards]
     plan = make_plan(counts, split, batch_size=batch_size, rank=rank, world_size=world_size,
-                     num_workers=num_workers, epoch=epoch, seed=seed, train=train,
-                     start_sample=start_sample,
-                     shuffle_buffer=d.shuffle_buffer if shuffle_buffer is None else shuffle_buffer)
+                     num_workers=d.num_workers, epoch=epoch, seed=seed, train=train,
+                     start_sample=start_sample, shuffle_buffer=d.shuffle_buffer)
     log.info("data plan (rank %d/%d): %s", rank, world_size, plan.derivation())
-    if verify_sha256 if verify_sha256 is not None else d.verify_sha256:
-        _verify(manifest, split, {int(s) for s in np.unique(plan.shard) if s != PAD}, s3)
-    verify_crc = d.verify_sample_crc if verify_sample_crc is None else verify_sample_crc
-    if verify_crc and not manifest.sample_crc and manifest.base not in _unchecked_logged:
+    if d.verify_sha256:
+        _verify(manifest, split, {int(s) for s in np.unique(plan.shard) if s != PAD}, d.s3)
+    if d.verify_sample_crc and not manifest.sample_crc and manifest.base not in _unchecked_logged:
         _unchecked_logged.add(manifest.base)
         log.info("shards under %s have no per-sample .crc members (made by an older vitpipe): "
                  "read without per-sample checksums; re-run `vitpipe shard --overwrite` to add "
                  "them", manifest.base)
-    dataset = _EpochDataset(manifest, plan, transform, s3,
-                            d.max_bad_fraction if max_bad_fraction is None else max_bad_fraction,
-                            with_keys, num_workers, decode, verify_crc)
+    dataset = _EpochDataset(manifest, plan, transform, d.s3, d.max_bad_fraction, with_keys,
+                            d.num_workers, decode, d.verify_sample_crc)
     import webdataset as wds
 
-    kw: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
-    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+    kw: dict[str, Any] = {"prefetch_factor": d.prefetch_factor} if d.num_workers > 0 else {}
+    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=d.num_workers,
                            pin_memory=pin_memory, persistent_workers=False, **kw)
     return ShardLoader(manifest, plan, dataset, loader)
 

@@ -100,9 +100,8 @@ def _evaluate(cfg: EvaluateConfig, acc) -> dict[str, Any]:
     img_size = cfg.data.augment.img_size or model.img_size
     tf = build_eval_transform(cfg.data.augment, manifest, img_size)
     loader = make_loader(cfg.data.manifest, cfg.split, cfg.data.eval_batch_size,
-                         rank=acc.process_index, world_size=acc.num_processes,
-                         num_workers=cfg.data.num_workers, transform=tf, train=False,
-                         data=cfg.data)
+                         acc.process_index, acc.num_processes, data=cfg.data, train=False,
+                         transform=tf, pin_memory=acc.device.type == "cuda")
     logits, labels = gather_logits(acc, model, loader)
     skipped = _skipped(acc, loader)  # before the loader is iterated again (attention images)
     expected = int(manifest.splits[cfg.split].count)

@@ -121,9 +121,8 @@ def _log_reconstructions(mae, cfg: TrainConfig, acc, out_dir: Path, tracker: Tra
 
     split = "val" if "val" in manifest.splits else "train"
     tf = build_eval_transform(cfg.data.augment, manifest, mae.encoder.img_size)
-    loader = make_loader(cfg.data.manifest, split, 8, rank=0, world_size=1, num_workers=0,
-                         transform=tf, seed=cfg.seed, train=False,
-                         data=cfg.data)
+    loader = make_loader(cfg.data.manifest, split, 8, data=cfg.data, train=False,
+                         seed=cfg.seed, transform=tf, num_workers=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         images = next(iter(loader))[0]

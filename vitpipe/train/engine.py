@@ -216,13 +216,13 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     # ---- data plan ------------------------------------------------------------------------
     img_size = task.image_size(model)
     train_tf = build_train_transform(cfg.data.augment, manifest, img_size)
-    extra = {"data": cfg.data}  # shuffle buffer, error budget, sha256 check, S3
     rank, world = acc.process_index, acc.num_processes
+    pin = acc.device.type == "cuda"
 
     def train_loader(epoch: int, start_sample: int = 0):
-        return make_loader(cfg.data.manifest, "train", micro, rank=rank, world_size=world,
-                           num_workers=cfg.data.num_workers, epoch=epoch, transform=train_tf,
-                           seed=cfg.seed, train=True, start_sample=start_sample, **extra)
+        return make_loader(cfg.data.manifest, "train", micro, rank, world, data=cfg.data,
+                           epoch=epoch, start_sample=start_sample, seed=cfg.seed,
+                           transform=train_tf, pin_memory=pin)
 
     batches_per_epoch = len(train_loader(0))
     steps_per_epoch = batches_per_epoch // cfg.train.accum_steps
@@ -242,9 +242,9 @@ def _train(cfg: TrainConfig, acc) -> dict[str, Any]:
     val_loader = None
     if task.classifier and "val" in manifest.splits:
         eval_tf = build_eval_transform(cfg.data.augment, manifest, img_size)
-        val_loader = make_loader(cfg.data.manifest, "val", cfg.data.eval_batch_size, rank=rank,
-                                 world_size=world, num_workers=cfg.data.num_workers,
-                                 transform=eval_tf, seed=cfg.seed, train=False, **extra)
+        val_loader = make_loader(cfg.data.manifest, "val", cfg.data.eval_batch_size, rank,
+                                 world, data=cfg.data, train=False, seed=cfg.seed,
+                                 transform=eval_tf, pin_memory=pin)
     task.build_mix(num_classes)
 
     # ---- accelerate ---------------------------------------------------------------------------
