@@ -161,6 +161,7 @@ def run_training(stage: str, config: TrainConfig, launch: LaunchConfig) -> dict[
     """Train under ``launch.max_retries`` attempts, then publish the run's summary artifact."""
     t0 = time.monotonic()
     announce_where(get_run_logger(), stage)
+    config = config.as_stage(stage)  # its MLflow run: <stage>/<task>
     result = train_attempt.with_options(
         retries=launch.max_retries, retry_delay_seconds=launch.retry_delay_s,
     )(stage, config, launch)

@@ -258,6 +258,8 @@ def test_embedded_pipeline_runs_stages_as_subflows(tmp_path: Path, tiny_shards: 
         modes = {r.data.tags["vitpipe.mode"]: r.data.params
                  for r in client.search_runs([exp]) if "vitpipe.mode" in r.data.tags}
         assert modes.keys() >= {"supervised", "finetune"}, modes.keys()
+        names = {r.info.run_name for r in client.search_runs([exp])}
+        assert names >= {"pretrain/supervised", "finetune/finetune"}, names
         assert modes["finetune"]["init"] == str(runs / "pt" / "model.safetensors")
 
 

@@ -3,16 +3,18 @@ teacher loads from a file or a registered model, and the run registers like any 
 
 from __future__ import annotations
 
+import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_train_support import TINY, make_shards, train_cfg
+from tests.test_train_support import TINY, make_shards, train_cfg, train_overrides
 from vitpipe.config import ModelConfig, RegisterConfig, TrackingConfig, load
 from vitpipe.config.train import TrainConfig
 from vitpipe.errors import CheckpointError
 from vitpipe.models import build_from_config
 from vitpipe.train import train
+from vitpipe.train.result_file import read_result
 from vitpipe.train.tasks import get_task
 from vitpipe.train.tasks.base import Setup
 from vitpipe.weights import save_safetensors
@@ -116,7 +118,14 @@ def test_a_teacher_that_always_says_3_pulls_the_student_to_3_then_it_registers(t
     reg = register(RegisterConfig(model_name="distilled", run_id=runs[0.0]["run_id"],
                                   tracking=tracking))
     assert reg["promoted"] and reg["version"] == "1"
-    # the registered champion as a teacher: the models:/ URI loads like a file
-    res = train(train_cfg(tmp_path / "again", shards, "mode=distill", "train.max_steps=2",
-                          f"tracking.uri={store}", "distill.teacher=models:/distilled@champion"))
-    assert res["steps"] == 2
+    # the registered champion as a teacher (the models:/ URI loads like a file), from the CLI
+    result_file = tmp_path / "result.json"
+    assert cli_main(["train", "--mode", "distill", "--result-file", str(result_file),
+                     *train_overrides(tmp_path / "again", shards, "train.max_steps=2",
+                                      f"tracking.uri={store}",
+                                      "distill.teacher=models:/distilled@champion")]) == 0
+    got = read_result(result_file)
+    assert got["steps"] == 2
+    # its MLflow run is named <stage>/<task>, the same words as the pipeline's
+    run = mlflow.MlflowClient(store).get_run(got["run_id"])
+    assert run.info.run_name == "finetune/distill", run.info.run_name

@@ -72,8 +72,8 @@ def _train(args: argparse.Namespace, on_result=None) -> int:
     from .train.tasks import task_class
 
     # the pipeline stage whose section to read: --stage, else the mode's own stage
-    section = args.stage or ("pretrain" if args.mode and task_class(args.mode).pretraining
-                             else "finetune")
+    section = stage = args.stage or ("pretrain" if args.mode and task_class(args.mode).pretraining
+                                     else "finetune")
     if section == "pretrain" and not _has_section(args.config, "pretrain"):
         # e.g. configs/fmnist_cpu.yaml has no MAE stage: pretrain with its model and data
         print(f"vitpipe train: {args.config} has no 'pretrain' section; using its 'finetune' "
@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace, on_result=None) -> int:
         overrides.append(f"mode={args.mode}")
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    cfg = load_stage("train", args.config, overrides, section=section)
+    cfg = load_stage("train", args.config, overrides, section=section).as_stage(stage)
     try:
         result = train(cfg)
     except TrainingInterrupted as err:  # SIGTERM: checkpoint written; tell supervisors apart

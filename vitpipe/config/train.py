@@ -115,6 +115,15 @@ class TrainConfig(StrictModel):
             raise ValueError(f"mode={self.mode} needs '{key}' ({what})")
         return self
 
+    def as_stage(self, stage: str) -> TrainConfig:
+        """This config run as pipeline stage ``stage``: its MLflow run is named
+        ``<stage>/<task>`` (e.g. ``pretrain/mae``) unless ``tracking.run_name`` is set, so the
+        pipeline's stages and tasks read the same in the config, CLI, flows and MLflow."""
+        if self.tracking.run_name:
+            return self
+        tracking = self.tracking.model_copy(update={"run_name": f"{stage}/{self.mode}"})
+        return self.model_copy(update={"tracking": tracking})
+
 
 def _get(cfg: StrictModel, dotted: str):
     for part in dotted.split("."):

@@ -43,7 +43,7 @@ def open_run(tracker: Tracker, run_id: str | None, tags: dict[str, str],
             return tracker.start(run_id=run_id, tags=tags)
         except VitpipeError:
             pass  # the checkpoint's run is in another store: start a fresh one
-    return tracker.start(run_name=cfg.tracking.run_name or f"{cfg.mode}", tags=tags)
+    return tracker.start(run_name=cfg.tracking.run_name or cfg.mode, tags=tags)
 
 
 def log_run_inputs(tracker: Tracker, cfg: TrainConfig, manifest: Any, plan: Any,
