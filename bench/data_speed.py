@@ -177,7 +177,8 @@ def tar_parse(m, reps: int) -> dict[str, float]:
     def theirs(last_only: bool) -> None:
         for url, s in zip(urls, shards, strict=True):
             with open(url, "rb") as f:
-                k = sum(1 for _ in group_by_keys(tar_file_iterator(f)))
+                members = ({**x, "__url__": url} for x in tar_file_iterator(f))
+                k = sum(1 for _ in group_by_keys(members))
             assert k == s.count, (url, k, s.count)
 
     best: dict[str, float] = {}

@@ -221,7 +221,7 @@ def test_load_classifier_weights_refuses_another_architecture(tmp_path: Path) ->
     assert "s3://bucket/deep.safetensors" in msg and "unexpected: blocks.2." in msg
     with pytest.raises(CheckpointError, match=r"(?s)shape mismatch.*head\.weight"):
         load_classifier_weights(vit(num_classes=3), tmp_path / "deep.safetensors", str(path))
-    with pytest.raises(CheckpointError, match="weights runs:/x not found"):
+    with pytest.raises(CheckpointError, match=r"weights runs:/x .*holds none of \['model"):
         load_classifier_weights(vit(), tmp_path, "runs:/x")  # a dir without model.safetensors
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
@@ -352,3 +352,22 @@ def test_relative_imports_resolve() -> None:
                 if not (target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()):
                     bad.append(f"{path.relative_to(PACKAGE)}: {node.module} (level {node.level})")
     assert bad == []
+
+
+def test_weights_file_finds_the_file_a_fetched_uri_stands_for(tmp_path) -> None:
+    from vitpipe.weights import weights_file
+
+    run = tmp_path / "run"
+    (run / "artifacts" / "weights").mkdir(parents=True)
+    model = run / "artifacts" / "weights" / "model.safetensors"
+    model.write_bytes(b"x")
+    assert weights_file(model, "w") == model  # a file is itself
+    assert weights_file(run, "w") == model  # found below a downloaded folder
+    enc = run / "encoder.safetensors"
+    enc.write_bytes(b"x")
+    assert weights_file(run, "w", ("encoder.safetensors", "model.safetensors")) == enc
+    with pytest.raises(CheckpointError, match=r"teacher models:/x@champion .*none of"):
+        weights_file(tmp_path / "run" / "artifacts", "teacher models:/x@champion",
+                     ("other.safetensors",))
+    with pytest.raises(CheckpointError, match="not found"):
+        weights_file(tmp_path / "missing", "weights runs:/abc/weights")

@@ -208,6 +208,27 @@ def _shown(keys: list[str]) -> str:
 CLASSIFIER_FILE = "model.safetensors"  # what a run exports under weights/
 
 
+def weights_file(path: str | Path, where: str,
+                 names: tuple[str, ...] = (CLASSIFIER_FILE,)) -> Path:
+    """The weights file a fetched URI stands for: ``path`` itself if a file, else the first of
+    ``names`` in it, else the first of them anywhere below it (a run's ``weights/`` folder, a
+    registered model's folder, a checkpoint dir). ``where``, the URI the user gave, is what the
+    error names."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    if path.is_dir():
+        for name in names:
+            found = sorted(p for p in path.rglob(Path(name).name) if p.is_file())
+            if found:
+                return found[0]
+        raise CheckpointError(f"{where} ({path}) holds none of {list(names)}")
+    raise CheckpointError(f"{where} not found ({path})")
+
+
 def load_classifier_weights(model: nn.Module, local_path: str | Path, where: str) -> nn.Module:
     """Load a trained classifier's weights into ``model`` exactly (no resampling, no head
     re-init): evaluation and the registered pyfunc both load through here.
@@ -216,11 +237,7 @@ def load_classifier_weights(model: nn.Module, local_path: str | Path, where: str
     ``where`` (the URI the user gave) is what errors name. Wrapper prefixes are stripped; a
     file of another architecture is a :class:`CheckpointError` naming the keys.
     """
-    path = Path(local_path)
-    if path.is_dir():
-        path = path / CLASSIFIER_FILE
-    if not path.is_file():
-        raise CheckpointError(f"weights {where} not found ({path})")
+    path = weights_file(local_path, f"weights {where}")
     try:
         check_architecture(path, model, where, hint="Check model.name and its overrides "
                            "against the run that produced the weights.")

@@ -17,16 +17,7 @@ from ..errors import CheckpointError
 from ..weights import strip_wrappers
 from .checkpoint import MODEL_FILE
 
-_CANDIDATES = ("encoder.safetensors", MODEL_FILE, "weights/model.safetensors")
-
-
-def _pick_file(path: Path, uri: str) -> Path:
-    if path.is_file():
-        return path
-    for name in _CANDIDATES:
-        if (path / name).is_file():
-            return path / name
-    raise CheckpointError(f"fine-tune source {uri} is a directory without any of {_CANDIDATES}")
+_CANDIDATES = ("encoder.safetensors", MODEL_FILE)
 
 
 def encoder_weights(state: dict[str, torch.Tensor], uri: str,
@@ -49,9 +40,10 @@ def encoder_weights(state: dict[str, torch.Tensor], uri: str,
 def load_init(model: torch.nn.Module, uri: str, cache_dir: Path, s3: Any = None,
               tracking_uri: str | None = None) -> Any:
     """Load ``uri``'s encoder into ``model``; returns ``load_pretrained``'s report."""
-    from ..weights import fetch_weights, load_pretrained, load_safetensors
+    from ..weights import fetch_weights, load_pretrained, load_safetensors, weights_file
 
-    local = _pick_file(fetch_weights(uri, cache_dir, s3, tracking_uri), uri)
+    local = weights_file(fetch_weights(uri, cache_dir, s3, tracking_uri),
+                         f"fine-tune source {uri}", _CANDIDATES)
     try:
         state, _meta = load_safetensors(local)
     except CheckpointError:

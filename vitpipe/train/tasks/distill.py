@@ -12,8 +12,6 @@ autocast, and is never in a checkpoint: a resumed run loads it again from ``dist
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -27,11 +25,16 @@ class Distill(Task):
 
     def setup(self, model: torch.nn.Module, ctx: Setup) -> str:
         from ...models import build_from_config
-        from ...weights import fetch_weights, load_classifier_weights, load_safetensors
+        from ...weights import (
+            fetch_weights,
+            load_classifier_weights,
+            load_safetensors,
+            weights_file,
+        )
 
         uri = self.cfg.distill.teacher
-        local = _safetensors_in(fetch_weights(uri, ctx.out_dir / ".teacher_cache",
-                                               self.cfg.data.s3, ctx.tracking_uri), uri)
+        local = weights_file(fetch_weights(uri, ctx.out_dir / ".teacher_cache",
+                                           self.cfg.data.s3, ctx.tracking_uri), f"teacher {uri}")
         _, meta = load_safetensors(local)
         if "model" not in meta or "num_classes" not in meta:
             raise CheckpointError(f"teacher {uri}: {local.name} has no vitpipe model metadata "
@@ -61,13 +64,3 @@ class Distill(Task):
         alpha = self.cfg.distill.alpha
         own = F.cross_entropy(out, y, label_smoothing=self.cfg.train.label_smoothing)
         return (1 - alpha) * own + alpha * F.cross_entropy(out, hard)
-
-
-def _safetensors_in(path: Path, uri: str) -> Path:
-    """The weights file of a path, a run's weights/ folder or a registered model's folder."""
-    if path.is_file():
-        return path
-    found = sorted(path.rglob("model.safetensors")) or sorted(path.rglob("*.safetensors"))
-    if not found:
-        raise CheckpointError(f"teacher {uri} ({path}) holds no .safetensors file")
-    return found[0]
