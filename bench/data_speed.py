@@ -15,6 +15,9 @@ same transform (vitpipe's eval transform) and 2 worker processes for all:
   costs.
 * ``decode``: the ceiling: the encoded bytes already in memory, the same decoder and split
   transform, stacked (straight into shared memory, as the shard loader does), in 2 workers.
+* ``tar_parse_*`` / ``resume_skip_*``: splitting the shards into samples without decoding, one
+  process, ``vitpipe.data.tario.TarCursor`` vs webdataset's ``tarfile`` path; and reaching
+  each shard's last sample as a mid-epoch resume does (why ``tario`` exists).
 
 img/s is wall clock (best of ``--reps`` interleaved passes); ``*_img_per_cpu_s`` divides by the
 CPU seconds the loader's processes used, which is steadier on a shared machine.
@@ -298,7 +301,7 @@ def main() -> None:
         if res is not None:
             out.update({f"{prefix}{k}": v for k, v in res.items()
                         if k.endswith(("_img_s", "_cpu_s"))
-                        or k.startswith(("wds_over", "crc_cost"))})
+                        or k.startswith(("wds_over", "crc_cost", "tar_parse", "resume_skip"))})
             out[f"{prefix or 'fmnist_'}images"] = res["images"]
     out.update(workers=WORKERS, cpus=os.cpu_count())
     print(json.dumps(out))

@@ -28,7 +28,8 @@ BENCHES = {
     "serve_speed.py": (["--quick", "--batch", "4"], {"pyfunc_over_bare", "serve_req_s"}),
     "data_speed.py": (["--fmnist-count", "1000", "--color-count", "200"],
                       {"wds_over_imagefolder", "wds_over_decode_ceiling",
-                       "color_wds_over_decode_ceiling", "crc_cost", "color_crc_cost"}),
+                       "color_wds_over_decode_ceiling", "crc_cost", "color_crc_cost",
+                       "tar_parse_tario_over_tarfile", "resume_skip_tario_over_tarfile"}),
 }
 
 

@@ -3,12 +3,17 @@
 Why not ``webdataset.tariterators`` (Python's ``tarfile``): resuming mid-epoch must skip the
 samples already consumed without copying or decoding them; a bad shard must fail with its name
 and the reason (truncated, not a tar, unsafe member path) rather than a ``ReadError`` deep in a
-worker (webdataset #142); and on small images ``tarfile``'s header parsing (~50 us per sample)
-costs more than decoding the PNG. :class:`TarCursor` reads a shard in 1 MiB chunks and parses
-runs of ordinary members (what ``tarfile``, and so ``webdataset.TarWriter``, writes) with numpy,
-all their headers at once, and anything else (POSIX pax and GNU long-name headers, ustar
-prefixes, other writers' field layouts, damage) with a general parser, with the same checksum
-check as ``tarfile``; the tests compare both with ``tarfile`` on every member type.
+worker (webdataset #142); and on small images ``tarfile``'s header parsing costs more than
+decoding the PNG. Measured by ``bench/data_speed.py`` (``tar_parse_*``, ``resume_skip_*``;
+20,000 Fashion-MNIST PNGs in 2,000-sample shards, one process, 2-core x86 host, 2026-12-06):
+webdataset's ``tar_file_iterator`` + ``group_by_keys`` split 12,573 samples/s (79.5 us per
+sample), :class:`TarCursor` 210,240 samples/s (16.7x); reaching each shard's last sample, as
+a resume does, is 23.3x faster because skipped samples are not copied.
+:class:`TarCursor` reads a shard in 1 MiB chunks and parses runs of ordinary members (what
+``tarfile``, and so ``webdataset.TarWriter``, writes) with numpy, all their headers at once, and
+anything else (POSIX pax and GNU long-name headers, ustar prefixes, other writers' field
+layouts, damage) with a general parser, with the same checksum check as ``tarfile``; the tests
+compare both with ``tarfile`` on every member type.
 Sample boundaries follow WebDataset's rule (``base_plus_ext``: key up to the first dot).
 """
 
