@@ -39,7 +39,7 @@ def test_idempotent_then_overwrite_rebuilds(tmp_path, caplog):
     assert _mtimes(out) == before  # nothing rewritten
 
     changed = cfg.model_copy(update={"max_samples_per_shard": 60})
-    with pytest.raises(DataError, match="different source or settings.*overwrite"):
+    with pytest.raises(DataError, match="different settings.*overwrite"):
         shard(changed)
     assert read_manifest(uri).config["max_samples_per_shard"] == 100
     shard(changed.model_copy(update={"overwrite": True}))

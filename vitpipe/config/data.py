@@ -45,6 +45,10 @@ class ShardConfig(StrictModel):
     max_bytes_per_shard: int = Field(256 * 2**20, gt=0)
     workers: int = Field(2, ge=1)
     overwrite: bool = False
+    # a source that changed under the same settings: "version" makes a new dataset version
+    # (new images appended as new shards, else a full re-shard), "refuse" stops with an error
+    on_source_change: Literal["version", "refuse"] = "version"
+    grow_test: bool = False  # new test images join the test split (else it is a fixed holdout)
     s3: S3Config = S3Config()
 
 

@@ -96,6 +96,9 @@ class Manifest(BaseModel):
     created_at: str
     vitpipe_version: str = ""
     sample_crc: bool = False  # every sample has a .crc member (older shard sets: none)
+    version: int = 1  # 1 for a first sharding; +1 each time the source changed
+    parent: str | None = None  # digest of the version this one replaced (manifest-<digest>.json)
+    index: str | None = None  # the source index beside it (vitpipe.data.versions), if any
     _base: str = PrivateAttr(default="")
 
     @property

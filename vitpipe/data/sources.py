@@ -66,6 +66,12 @@ class Source(ABC):
         """Channels when the source fixes them (Fashion-MNIST: 1); None to detect from images."""
         return None
 
+    def fingerprints(self, split: str) -> dict[str, str] | None:
+        """Sample key -> a cheap fingerprint that changes when that sample does (label, size,
+        mtime), in index order; None when the source cannot tell samples apart cheaply (then
+        a changed source is re-sharded whole, never appended to)."""
+        return None
+
     def __iter__(self) -> Iterator[Sample]:
         for split, n in self.splits().items():
             for i in range(n):
@@ -234,6 +240,14 @@ class ImageFolderSource(Source):
 
     def splits(self) -> dict[str, int]:
         return {s: len(v) for s, v in self._items.items()}
+
+    def fingerprints(self, split: str) -> dict[str, str]:
+        root = self.roots[split]
+        out = {}
+        for p, label in self._items[split]:
+            st = os.stat(p)
+            out[self._key(Path(p), root)] = f"{label}:{st.st_size}:{st.st_mtime_ns}"
+        return out
 
     def sample(self, split: str, index: int) -> Sample:
         p, label = self._items[split][index]

@@ -37,7 +37,7 @@ import numpy as np
 from .. import storage
 from ..config.data import ShardConfig
 from ..errors import DataError
-from . import images
+from . import images, versions
 from .manifest import (
     CRC_EXT,
     MANIFEST_NAME,
@@ -85,7 +85,8 @@ def config_digest(cfg: ShardConfig) -> str:
 
 
 def _content_config(cfg: ShardConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude={"output", "workers", "overwrite", "s3"})
+    return cfg.model_dump(mode="json", exclude={"output", "workers", "overwrite", "s3",
+                                                "on_source_change", "grow_test"})
 
 
 def _plan(source: Source, cfg: ShardConfig) -> list[_Task]:
@@ -241,11 +242,10 @@ def _run(tasks: list[_Task], source: Source, cfg: ShardConfig, channels: int) ->
         bar.close()
 
 
-def _assemble(results: list[_Result], source: Source, cfg: ShardConfig, channels: int,
-              cfg_digest: str) -> Manifest:
+def _split_infos(results: list[_Result], n_classes: int, channels: int
+                 ) -> tuple[dict[str, SplitInfo], set[tuple[int, int]], set[str]]:
+    """Per output split: its shards in chunk order, counts and pixel statistics."""
     splits: dict[str, SplitInfo] = {}
-    train_mean: list[float] = []
-    train_std: list[float] = []
     sizes: set[tuple[int, int]] = set()
     exts: set[str] = set()
     for split in SPLIT_ORDER:
@@ -253,7 +253,7 @@ def _assemble(results: list[_Result], source: Source, cfg: ShardConfig, channels
         if not rs:
             continue
         stats = images.PixelStats(channels)
-        counts = np.zeros(len(source.classes), np.int64)
+        counts = np.zeros(n_classes, np.int64)
         shards: list[ShardInfo] = []
         for r in rs:
             stats.merge(r.stats)
@@ -265,8 +265,13 @@ def _assemble(results: list[_Result], source: Source, cfg: ShardConfig, channels
         splits[split] = SplitInfo(count=sum(s.count for s in shards), shards=shards,
                                   digest=split_digest(shards), class_counts=counts.tolist(),
                                   mean=mean, std=std)
-        if split == "train":
-            train_mean, train_std = mean, std
+    return splits, sizes, exts
+
+
+def _assemble(results: list[_Result], source: Source, cfg: ShardConfig, channels: int,
+              cfg_digest: str) -> Manifest:
+    splits, sizes, exts = _split_infos(results, len(source.classes), channels)
+    train_mean, train_std = splits["train"].mean, splits["train"].std
     from .. import __version__ as version
 
     return Manifest(
@@ -294,7 +299,9 @@ def shard(cfg: ShardConfig) -> str:
     """Shard ``cfg.source`` into ``cfg.output``; returns the manifest URI.
 
     Idempotent: when a manifest for the same source and settings exists, nothing is done (and
-    logged as such); ``overwrite`` rebuilds.
+    logged as such); ``overwrite`` rebuilds. A source that changed under the same settings
+    becomes a new dataset version (:mod:`vitpipe.data.versions`): its new images appended as
+    new shards when it only grew, else re-sharded whole.
     """
     out = cfg.output.rstrip("/") if "://" in cfg.output else cfg.output
     uri = storage.join(out, MANIFEST_NAME)
@@ -302,14 +309,26 @@ def shard(cfg: ShardConfig) -> str:
     source = open_source(cfg.source)
     digest = config_digest(cfg)
     old = _existing(uri, cfg)
+    parent = None
     if old is not None and not cfg.overwrite:
-        if old.source.digest == source.info().digest and old.config_digest == digest:
+        if old.source.digest == source.info().digest and old.config_digest == digest and \
+                not (cfg.grow_test and _test_left_out(source, old, cfg)):
             log.info("shards at %s are up to date (source %s, digest %s): nothing to do",
                      out, old.source.digest[:12], old.digest[:12])
             return uri
-        raise DataError(f"{out} already holds shards of a different source or settings "
-                        f"(manifest {uri}); set overwrite=true (`vitpipe shard --overwrite`) "
-                        "or choose another output")
+        if old.config_digest != digest or cfg.on_source_change == "refuse":
+            what = ("made with different settings" if old.config_digest != digest
+                    else "of a different source (on_source_change=refuse)")
+            raise DataError(f"{out} already holds shards {what} (manifest {uri}); "
+                            "set overwrite=true (`vitpipe shard --overwrite`) or choose another "
+                            "output")
+        parent = old
+        change = _change(source, cfg, old)
+        if change.rebuild is None:
+            return _append(source, cfg, old, change, out)
+        log.info("source %s changed: %s; re-sharding it whole as version %d", cfg.source.path,
+                 change.rebuild, old.version + 1)
+        versions.archive(parent, out, cfg.s3)  # before the manifest is deleted
     if storage.exists(uri, cfg.s3):
         storage.delete(uri, cfg.s3)  # first: from now on readers see "incomplete"
     channels = _detect_channels(source, cfg)
@@ -317,6 +336,11 @@ def shard(cfg: ShardConfig) -> str:
     t0 = time.monotonic()
     results = _run(tasks, source, cfg, channels)
     manifest = _assemble(results, source, cfg, channels, digest)
+    if parent is not None:
+        manifest.version, manifest.parent = parent.version + 1, parent.digest
+    index = _index(source) if cfg.source.limit_per_split is None else None
+    if index is not None:  # before the manifest that names it
+        manifest.index = versions.write_index(out, manifest.digest, index, cfg.s3)
     write_manifest(manifest, out, cfg.s3)
     _remove_stale(out, cfg, old, manifest)
     n = sum(s.count for s in manifest.splits.values())
@@ -327,10 +351,100 @@ def shard(cfg: ShardConfig) -> str:
     return uri
 
 
+def _test_left_out(source: Source, old: Manifest, cfg: ShardConfig) -> bool:
+    """Test images an earlier run left out of the holdout (``grow_test`` was false)."""
+    index = versions.read_index(old, cfg.s3)
+    n = source.splits().get("test", 0)
+    return index is not None and len(index.get("test", {})) < n
+
+
+def _index(source: Source) -> dict[str, dict[str, str]] | None:
+    prints = {split: source.fingerprints(split) for split in source.splits()}
+    return None if any(v is None for v in prints.values()) else prints  # type: ignore[misc]
+
+
+def _change(source: Source, cfg: ShardConfig, old: Manifest) -> versions.Change:
+    if source.classes != old.classes:
+        return versions.Change(rebuild=f"the classes changed ({len(old.classes)} -> "
+                                       f"{len(source.classes)})")
+    if cfg.source.limit_per_split is not None:
+        return versions.Change(rebuild="source.limit_per_split is set")
+    return versions.diff(versions.read_index(old, cfg.s3), _index(source),
+                         grow_test=cfg.grow_test)
+
+
+def _append(source: Source, cfg: ShardConfig, old: Manifest, change: versions.Change,
+            out: str) -> str:
+    """The new images as new shards; a manifest listing old and new shards (version + 1)."""
+    uri = storage.join(out, MANIFEST_NAME)
+    if change.ignored:
+        log.info("the test split is a fixed holdout: left out %s new image(s) of source split(s) "
+                 "%s (set grow_test=true to add them)", sum(change.ignored.values()),
+                 ", ".join(change.ignored))
+    if not change.count:
+        return uri
+    version = old.version + 1
+    carve = "val" not in source.splits() and cfg.val_fraction > 0
+    rng = np.random.default_rng([cfg.seed, version])
+    tasks: list[_Task] = []
+    for src_split, keys in change.added.items():
+        position = {k: i for i, k in enumerate(source.fingerprints(src_split) or {})}
+        idx = np.array([position[k] for k in keys], np.int64)
+        groups = {src_split: idx}
+        if src_split == "train":
+            to_val = np.array([carve and versions.goes_to_val(k, cfg.seed, cfg.val_fraction)
+                               for k in keys], bool)
+            groups = {"train": rng.permutation(idx[~to_val]), "val": np.sort(idx[to_val])}
+        for split, ids in groups.items():
+            taken = [int(s.name.split("-")[1]) for s in old.splits[split].shards] \
+                if split in old.splits else []
+            first = max(taken, default=-1) + 1
+            step = cfg.max_samples_per_shard
+            tasks += [_Task(split, first + c, src_split, ids[s:s + step])
+                      for c, s in enumerate(range(0, len(ids), step))]
+    t0 = time.monotonic()
+    results = _run(tasks, source, cfg, old.channels)
+    new, sizes, exts = _split_infos(results, len(old.classes), old.channels)
+    splits = dict(old.splits)
+    for name, add in new.items():
+        before = splits.get(name)
+        if before is None:
+            splits[name] = add
+            continue
+        shards = before.shards + add.shards
+        # pixel statistics stay the parent's: a warm-started model keeps its input scaling
+        splits[name] = before.model_copy(update={
+            "count": before.count + add.count, "shards": shards, "digest": split_digest(shards),
+            "class_counts": [a + b for a, b in zip(before.class_counts, add.class_counts,
+                                                    strict=True)]})
+    size = old.image_size if old.image_size and sizes <= {tuple(old.image_size)} else None
+    manifest = old.model_copy(update={
+        "source": source.info(), "splits": splits, "digest": dataset_digest(splits),
+        "image_size": size, "image_format": "+".join(sorted(set(old.image_format.split("+"))
+                                                            | exts)),
+        "created_at": datetime.now(timezone.utc).isoformat(), "version": version,
+        "parent": old.digest})
+    versions.archive(old, out, cfg.s3)
+    index = versions.read_index(old, cfg.s3) or {}
+    prints = {s: source.fingerprints(s) or {} for s in change.added}
+    for s, keys in change.added.items():
+        index.setdefault(s, {}).update({k: prints[s][k] for k in keys})
+    manifest.index = versions.write_index(out, manifest.digest, index, cfg.s3)
+    write_manifest(manifest, out, cfg.s3)  # last: the new version is complete
+    log.info("dataset version %d at %s: %d new image(s) in %d new shard(s) in %.1fs, %d shard(s) "
+             "reused; parent %s: %s", version, out, change.count,
+             sum(len(r.shards) for r in results), time.monotonic() - t0,
+             sum(len(s.shards) for s in old.splits.values()), old.digest[:12],
+             ", ".join(f"{k}={v.count}" for k, v in splits.items()))
+    return uri
+
+
 def _remove_stale(out: str, cfg: ShardConfig, old: Manifest | None, new: Manifest) -> None:
     """Delete shards of a replaced manifest, and leftover local temp files of killed runs."""
     keep = {s.name for sp in new.splits.values() for s in sp.shards}
     if old is not None:
+        if old.index and old.index != new.index:
+            storage.delete(storage.join(out, old.index), cfg.s3)
         for sp in old.splits.values():
             for s in sp.shards:
                 if s.name not in keep:
