@@ -32,6 +32,14 @@ from prefect.states import Cancelling
 from vitpipe.config import ConfigError, PipelineConfig, apply_overrides, read_yaml, validate
 from vitpipe.config.pipeline import STAGE_NAMES
 from vitpipe.errors import VitpipeError
+from vitpipe.lineage import (
+    CHAMPION_INIT,
+    INPUTS_TAG,
+    Trained,
+    champion_uri,
+    find_trained,
+    inputs_digest,
+)
 
 from . import links
 from .stages import STAGE_FLOWS, TRAINING_STAGES, announce_where
@@ -209,12 +217,17 @@ def pipeline(
     config: PipelineConfig | None = None,
     preset: str | None = None,
     overrides: list[str] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train, evaluate and register a ViT; each stage is its own (sub)flow run.
 
     ``preset``: a pipeline YAML (e.g. configs/fmnist_cpu.yaml) or ``config``: the full typed
     config; ``overrides``: dotted ``key=value`` strings applied on top (validated, with the key
-    named on error).
+    named on error). When a registered version was already trained on exactly these inputs
+    (dataset version, settings, code: :func:`vitpipe.lineage.inputs_digest`) nothing is
+    trained and the summary says which version; ``force`` retrains anyway.
+    ``finetune.init: champion`` warm-starts from the current champion (the pretrain stage is
+    then skipped; with no champion yet the fine-tune trains from scratch).
     """
     cfg = resolve_config(config, preset, overrides)
     log = get_run_logger()
@@ -227,9 +240,18 @@ def pipeline(
 
     shard_res = runner.run("shard", config=cfg.shard)
     manifest = shard_res["manifest_uri"]
+    warm = _warm_start(cfg, log)
+    digest = inputs_digest(cfg, shard_res["digest"])
+    if not force:
+        hit = find_trained(cfg.register.tracking, cfg.register.model_name, digest)
+        if hit is not None:
+            summary = _already_trained(cfg, runner, shard_res, hit, digest, time.monotonic() - t0)
+            _publish(cfg, summary)
+            log.info("%s", summary["decision"]["reason"])
+            return summary
 
     pre = None
-    if cfg.pretrain is not None:
+    if cfg.pretrain is not None and not warm:
         pre_cfg = cfg.pretrain.model_copy(deep=True)
         pre_cfg.data.manifest = manifest
         _scope_checkpoints(pre_cfg, scope)
@@ -237,6 +259,7 @@ def pipeline(
 
     ft_cfg = cfg.finetune.model_copy(deep=True)
     ft_cfg.data.manifest = manifest
+    ft_cfg.tracking.tags[INPUTS_TAG] = digest
     _scope_checkpoints(ft_cfg, scope)
     if pre is not None and ft_cfg.init:  # the preset's init stands for the pretrain output
         ft_cfg.init = _weights_ref(pre, how)
@@ -271,6 +294,10 @@ def pipeline(
         "promoted": reg["promoted"],
         "decision": reg.get("decision", {}),
         "tracking_uri": links.tracking_uri(cfg.register.tracking),
+        "skipped": False,
+        "inputs_digest": digest,
+        "dataset_version": shard_res.get("version"),
+        "warm_start": warm,
         "timings": runner.timings,
         "wall_seconds": round(wall, 3),
         "stage_seconds": round(own, 3),
@@ -280,6 +307,46 @@ def pipeline(
     log.info("pipeline %s finished in %.1fs; stages' own work %.1fs; overhead %.1fs",
              cfg.name, wall, own, wall - own)
     return summary
+
+
+def _warm_start(cfg: PipelineConfig, log: Any) -> str | None:
+    """Resolve ``finetune.init: champion`` to the champion's ``models:/<name>/<version>``
+    (in ``cfg``, so the inputs digest names the weights it starts from)."""
+    if cfg.finetune.init != CHAMPION_INIT:
+        return None
+    uri = champion_uri(cfg.register.tracking, cfg.register.model_name)
+    if uri is None:
+        log.warning("finetune.init=champion: '%s' has no champion yet; training from scratch",
+                    cfg.register.model_name)
+        cfg.finetune.init, cfg.finetune.mode = None, "supervised"
+        return None
+    log.info("warm start from the champion %s%s", uri,
+             "; the pretrain stage is skipped" if cfg.pretrain is not None else "")
+    cfg.finetune.init = uri
+    return uri
+
+
+def _already_trained(cfg: PipelineConfig, runner: StageRunner, shard_res: dict[str, Any],
+                     hit: Trained, digest: str, wall: float) -> dict[str, Any]:
+    """The summary of a run that trained nothing: the version trained on these inputs."""
+    name = cfg.register.model_name
+    what = "the champion" if hit.champion else "not the champion"
+    reason = (f"nothing retrained: {name} v{hit.version} ({what}) was trained on exactly these "
+              f"inputs (dataset {shard_res['digest'][:12]}, inputs digest {digest[:12]}, run "
+              f"{hit.run_id}); pass force=true (--force) to retrain")
+    own = sum(t["own"] for t in runner.timings.values())
+    return {
+        "name": cfg.name, "stages_ran_as": runner.stages_as,
+        "manifest_uri": shard_res["manifest_uri"], "shard_cached": shard_res.get("cached"),
+        "pretrain_run_id": None, "finetune_run_id": hit.run_id, "metrics": hit.metrics,
+        "per_class": {}, "plots": {}, "plot_urls": {}, "model_name": name,
+        "model_version": hit.version, "model_uri": f"models:/{name}/{hit.version}",
+        "promoted": hit.champion, "decision": {"reason": reason},
+        "tracking_uri": links.tracking_uri(cfg.register.tracking), "skipped": True,
+        "inputs_digest": digest, "dataset_version": shard_res.get("version"),
+        "warm_start": None, "timings": runner.timings, "wall_seconds": round(wall, 3),
+        "stage_seconds": round(own, 3), "overhead_seconds": round(wall - own, 3),
+    }
 
 
 def _publish(cfg: PipelineConfig, s: dict[str, Any]) -> None:
@@ -292,7 +359,10 @@ def _publish(cfg: PipelineConfig, s: dict[str, Any]) -> None:
         f"- **{metric}: {s['metrics'].get(metric, float('nan')):.4f}**",
         f"- model version: {mv} (`{s['model_uri']}`)",
         f"- promotion: **{'promoted to champion' if s['promoted'] else 'not promoted'}**"
-        f" - {s['decision'].get('reason', '')}",
+        f" - {s['decision'].get('reason', '')}" if not s.get("skipped") else
+        f"- **{s['decision']['reason']}**",
+        f"- dataset version: {s.get('dataset_version')}; inputs digest `{s.get('inputs_digest')}`"
+        + (f"; warm start from `{s['warm_start']}`" if s.get("warm_start") else ""),
         f"- fine-tune run: {links.run_link(tr, s['finetune_run_id'])}",
         *[f"- plot: [{k}]({u})" for k, u in s["plot_urls"].items()],
     ]
@@ -327,8 +397,7 @@ def summary_text(s: dict[str, Any], metric: str) -> str:
     return f"""
 == vitpipe: {s['name']} done ==
 {metric}: {s['metrics'].get(metric, float('nan')):.4f}
-model: {s['model_uri']} ({'promoted to champion' if s['promoted'] else 'not promoted'}; \
-gate: {s['decision'].get('reason', '')})
+model: {s['model_uri']} ({_standing(s)})
 plots:
 {plots}
 timing: wall {s['wall_seconds']:.1f}s, stages {s['stage_seconds']:.1f}s, \
@@ -339,6 +408,13 @@ predict: MLFLOW_TRACKING_URI={uri} vitpipe predict {served} img.png
 look:    {ui}
          prefect server start   # then http://127.0.0.1:4200 (runs, logs, artifacts)
 """
+
+
+def _standing(s: dict[str, Any]) -> str:
+    if s.get("skipped"):
+        return s["decision"]["reason"]
+    return (f"{'promoted to champion' if s['promoted'] else 'not promoted'}; "
+            f"gate: {s['decision'].get('reason', '')}")
 
 
 def quiet_embedded_server() -> None:
@@ -382,12 +458,14 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Run the vitpipe pipeline flow (ephemeral Prefect).")
     p.add_argument("--config", "-c", help="pipeline preset YAML, e.g. configs/fmnist_cpu.yaml")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="train even if a registered version was trained on exactly these inputs")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.train.epochs=1")
     args = p.parse_args(argv)
     try:
         resolve_config(None, args.config, args.overrides)  # fail before Prefect starts
         with patient_embedded_server():
-            summary = pipeline(preset=args.config, overrides=args.overrides)
+            summary = pipeline(preset=args.config, overrides=args.overrides, force=args.force)
     except ConfigError as err:
         print(f"config error:\n{err}", file=sys.stderr)
         return 2

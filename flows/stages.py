@@ -123,6 +123,8 @@ def shard(config: ShardConfig) -> dict[str, Any]:
         markdown=(
             f"## Shards {'(cached: source and config unchanged)' if cached else '(written)'}\n\n"
             f"- manifest: `{manifest_uri}`\n- digest: `{m.digest}`\n"
+            f"- dataset version: {m.version}"
+            + (f" (parent `{m.parent}`)" if m.parent else "") + "\n"
             f"- classes ({len(m.classes)}): {', '.join(map(str, m.classes))}\n"
             f"- image: {m.image_size} x {m.channels} channel(s)\n\n"
             "| split | samples | shards | bytes |\n|---|---|---|---|\n"
@@ -131,6 +133,7 @@ def shard(config: ShardConfig) -> dict[str, Any]:
         ),
     )
     return {"manifest_uri": manifest_uri, "digest": m.digest, "cached": cached,
+            "version": m.version, "parent": m.parent,
             "counts": counts, "seconds": round(time.monotonic() - t0, 3)}
 
 

@@ -79,6 +79,12 @@ def test_ema_weights_and_bad_weights(trained):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(bad))
     with pytest.raises(CheckpointError, match="another architecture"):
         evaluate(_cfg(tmp, shards, f"weights={bad}"))
+    # vitpipe's weights carry their architecture: a config for another depth still evaluates
+    # them as they are (a champion re-evaluated under a newer preset stays itself)
+    same = [evaluate(_cfg(tmp, shards, f"weights={tmp}/out/model.safetensors", *extra,
+                          "num_attention_images=0", f"output_dir={tmp}/eval_arch{i}"))
+            for i, extra in enumerate([(), ("model.depth=3",)])]
+    assert same[0]["test_top1"] == same[1]["test_top1"]
 
 
 def test_skipped_samples_are_mlflow_metrics_per_split(trained, tmp_path):

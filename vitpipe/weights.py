@@ -58,6 +58,19 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
     return path
 
 
+def saved_architecture(path: str | Path) -> tuple[str, int] | None:
+    """(model config JSON, class count) that vitpipe wrote into a weights file's metadata, or
+    None (a file from elsewhere); reads only the header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+    if "model" not in meta or "num_classes" not in meta:
+        return None
+    return meta["model"], int(meta["num_classes"])
+
+
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state_dict on CPU, metadata) of a safetensors file."""
     path = Path(path)

@@ -16,3 +16,4 @@ class TrackingConfig(StrictModel):
     artifact_location: str | None = None  # for a new experiment; default ./mlartifacts
     connect_timeout: float = Field(10.0, gt=0)
     run_name: str | None = None
+    tags: dict[str, str] = {}  # extra tags on a training run (the pipeline sets its inputs digest)

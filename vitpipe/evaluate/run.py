@@ -27,12 +27,17 @@ def resolve_weights(cfg: EvaluateConfig) -> str:
 
 def load_classifier(cfg: EvaluateConfig, num_classes: int, uri: str, cache: Path,
                     tracking_uri: str | None) -> torch.nn.Module:
-    """Build ``cfg.model`` with the manifest's class count and load ``uri`` strictly."""
+    """Build the model ``uri``'s weights say they are (vitpipe writes the architecture into
+    their metadata: a champion re-evaluated under a newer config stays itself), else
+    ``cfg.model``, with the manifest's class count; load ``uri`` strictly."""
+    from ..config import ModelConfig
     from ..models import build_from_config
-    from ..weights import fetch_weights, load_classifier_weights
+    from ..weights import fetch_weights, load_classifier_weights, saved_architecture, weights_file
 
-    local = fetch_weights(uri, cache, cfg.data.s3, tracking_uri)
-    model = build_from_config(cfg.model.model_copy(update={"num_classes": num_classes}))
+    local = weights_file(fetch_weights(uri, cache, cfg.data.s3, tracking_uri), f"weights {uri}")
+    saved = saved_architecture(local)
+    arch = ModelConfig.model_validate_json(saved[0]) if saved else cfg.model
+    model = build_from_config(arch.model_copy(update={"num_classes": num_classes}))
     load_classifier_weights(model, local, uri)
     return model.eval()
 

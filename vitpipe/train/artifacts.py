@@ -38,6 +38,7 @@ def _manifest_dict(manifest: Any) -> dict[str, Any]:
 
 def open_run(tracker: Tracker, run_id: str | None, tags: dict[str, str],
               cfg: TrainConfig) -> str | None:
+    tags = {**cfg.tracking.tags, **tags}
     if run_id:
         try:
             return tracker.start(run_id=run_id, tags=tags)

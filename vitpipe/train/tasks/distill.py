@@ -28,19 +28,18 @@ class Distill(Task):
         from ...weights import (
             fetch_weights,
             load_classifier_weights,
-            load_safetensors,
+            saved_architecture,
             weights_file,
         )
 
         uri = self.cfg.distill.teacher
         local = weights_file(fetch_weights(uri, ctx.out_dir / ".teacher_cache",
                                            self.cfg.data.s3, ctx.tracking_uri), f"teacher {uri}")
-        _, meta = load_safetensors(local)
-        if "model" not in meta or "num_classes" not in meta:
+        saved = saved_architecture(local)
+        if saved is None:
             raise CheckpointError(f"teacher {uri}: {local.name} has no vitpipe model metadata "
                                   "(write it with vitpipe train, or register it)")
-        arch = ModelConfig.model_validate_json(meta["model"])
-        classes = int(meta["num_classes"])
+        arch, classes = ModelConfig.model_validate_json(saved[0]), saved[1]
         if classes != model.num_classes:
             raise CheckpointError(f"teacher {uri} predicts {classes} classes; the manifest has "
                                   f"{model.num_classes}")
