@@ -40,6 +40,7 @@ from vitpipe.lineage import (
     find_trained,
     inputs_digest,
 )
+from vitpipe.registry.register import champion_to_reevaluate
 
 from . import links
 from .stages import STAGE_FLOWS, TRAINING_STAGES, announce_where
@@ -119,16 +120,18 @@ class StageRunner:
                     missing.append(name)
         return missing
 
-    def run(self, stage: str, **params: Any) -> dict[str, Any]:
+    def run(self, stage: str, label: str | None = None, **params: Any) -> dict[str, Any]:
+        """Run ``stage`` (timed as ``label``, default the stage) and return its result."""
         t0 = time.monotonic()
         if self.stages_as == "subflows":
             result = STAGE_FLOWS[stage](**params)
         else:
             result = self._run_deployment(stage, params)
         wall = time.monotonic() - t0
-        self.timings[stage] = {"wall": round(wall, 3), "own": float(result.get("seconds", 0))}
-        self.log.info("stage %s done in %.1fs (its own work %.1fs)", stage, wall,
-                      self.timings[stage]["own"])
+        label = label or stage
+        self.timings[label] = {"wall": round(wall, 3), "own": float(result.get("seconds", 0))}
+        self.log.info("stage %s done in %.1fs (its own work %.1fs)", label, wall,
+                      self.timings[label]["own"])
         return result
 
     def _run_deployment(self, stage: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +243,8 @@ def pipeline(
 
     shard_res = runner.run("shard", config=cfg.shard)
     manifest = shard_res["manifest_uri"]
-    warm = _warm_start(cfg, log)
+    # over the config as written: `init: champion` stays a name, so a rerun on the same data
+    # finds the version it made even after that version became the champion
     digest = inputs_digest(cfg, shard_res["digest"])
     if not force:
         hit = find_trained(cfg.register.tracking, cfg.register.model_name, digest)
@@ -249,6 +253,7 @@ def pipeline(
             _publish(cfg, summary)
             log.info("%s", summary["decision"]["reason"])
             return summary
+    warm = _warm_start(cfg, log)
 
     pre = None
     if cfg.pretrain is not None and not warm:
@@ -273,6 +278,16 @@ def pipeline(
 
     reg_cfg = cfg.register.model_copy(deep=True)
     reg_cfg.run_id = ft["run_id"]
+    again = champion_to_reevaluate(reg_cfg, ft["run_id"])
+    if again is not None:  # the champion was measured on another test split: measure it here
+        re_cfg = ev_cfg.model_copy(deep=True)
+        re_cfg.weights, re_cfg.run_id, re_cfg.num_attention_images = again.pop("uri"), None, 0
+        re_cfg.output_dir = f"{re_cfg.output_dir.rstrip('/')}/champion"
+        re_cfg.tracking.tags.update(again)
+        log.info("the champion's metric is from another test split: re-evaluating %s on %s",
+                 re_cfg.weights, manifest)
+        reg_cfg.champion_eval_run_id = runner.run("evaluate", label="evaluate-champion",
+                                                  config=re_cfg)["run_id"]
     reg = runner.run("register", config=reg_cfg)
 
     wall = time.monotonic() - t0
@@ -310,15 +325,15 @@ def pipeline(
 
 
 def _warm_start(cfg: PipelineConfig, log: Any) -> str | None:
-    """Resolve ``finetune.init: champion`` to the champion's ``models:/<name>/<version>``
-    (in ``cfg``, so the inputs digest names the weights it starts from)."""
+    """Resolve ``finetune.init: champion`` to the champion's ``models:/<name>/<version>`` (in
+    ``cfg``: the run's ``init`` param names the very weights it started from)."""
     if cfg.finetune.init != CHAMPION_INIT:
         return None
     uri = champion_uri(cfg.register.tracking, cfg.register.model_name)
     if uri is None:
         log.warning("finetune.init=champion: '%s' has no champion yet; training from scratch",
                     cfg.register.model_name)
-        cfg.finetune.init, cfg.finetune.mode = None, "supervised"
+        cfg.finetune = cfg.finetune.model_copy(update={"init": None, "mode": "supervised"})
         return None
     log.info("warm start from the champion %s%s", uri,
              "; the pretrain stage is skipped" if cfg.pretrain is not None else "")

@@ -251,7 +251,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                               description=f"per-class accuracy on {config.split}")
     return {"metrics": metrics, "per_class": per_class, "artifacts": artifacts,
             "plot_urls": images,
-            "split": config.split, "run_id": config.run_id,
+            "split": config.split, "run_id": result.get("run_id") or config.run_id,
             "seconds": round(time.monotonic() - t0, 3)}
 
 

@@ -7,7 +7,9 @@
 * :func:`find_trained`: a finished, registered run with the same digest, so the pipeline can
   skip training on exactly the inputs a model version was already trained on.
 * :func:`champion_uri`: the current champion as a concrete ``models:/<name>/<version>``, for a
-  warm start (``finetune.init: champion``) whose digest then names the weights it started from.
+  warm start (``finetune.init: champion``). The digest is taken over the config as written
+  (``init: champion``), so an unchanged rerun is recognised even after its own version became
+  the champion; the run's ``init`` param names the concrete version it started from.
 """
 
 from __future__ import annotations

@@ -117,6 +117,26 @@ def load_timm_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ---- from a URI ------------------------------------------------------------------------------
+def _model_version_source(uri: str, registry_uri: str) -> str:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's download
+    URI, looked up in the registry at ``registry_uri``."""
+    from mlflow import MlflowClient
+
+    ref = uri[len("models:/"):].strip("/")
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.split("/", 1)
+            mv = client.get_model_version(name, version)
+        return client.get_model_version_download_uri(mv.name, mv.version)
+    except Exception as err:
+        raise CheckpointError(f"cannot resolve {uri} in the model registry at "
+                              f"{registry_uri}: {err}") from None
+
+
 def fetch_weights(uri: str, cache_dir: Path, s3: Any = None, tracking_uri: str | None = None
                   ) -> Path:
     """A local path for ``uri``: a path/``file://`` as is, ``s3://`` (a file or a prefix) or
@@ -129,6 +149,10 @@ def fetch_weights(uri: str, cache_dir: Path, s3: Any = None, tracking_uri: str |
         import mlflow.artifacts
 
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if uri.startswith("models:/") and tracking_uri:
+            # download_artifacts' tracking_uri does not reach models:/ URIs: they resolve
+            # through the registry URI (else MLFLOW_REGISTRY_URI / the tracking default)
+            uri = _model_version_source(uri, tracking_uri)
         try:
             return Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(cache_dir), tracking_uri=tracking_uri))

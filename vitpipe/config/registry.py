@@ -20,6 +20,9 @@ class RegisterConfig(StrictModel):
 
     model_name: str = "vitpipe-fmnist"
     run_id: str | None = None  # training run to register; set by the pipeline
+    # an evaluation run of the champion on the candidate's test split (set by the pipeline when
+    # the splits differ): the gate compares the two on it instead of refusing
+    champion_eval_run_id: str | None = None
     metric: str = "test_top1"
     higher_is_better: bool = True
     margin: float = Field(0.0, ge=0)

@@ -141,7 +141,8 @@ def _evaluate(cfg: EvaluateConfig, acc) -> dict[str, Any]:
         metrics_path.write_text(json.dumps(_no_nan(payload), indent=2, default=str))
         artifacts["metrics_json"] = str(metrics_path)
         if not cfg.run_id:
-            tracker.start(run_name=f"evaluate/{s}", tags={"vitpipe.mode": "evaluate"})
+            tracker.start(run_name=f"evaluate/{s}",
+                          tags={**cfg.tracking.tags, "vitpipe.mode": "evaluate"})
         else:
             tracker.run_id = cfg.run_id
         tracker.log_metrics({k: v for k, v in scalars.items() if v == v}, step=0)

@@ -40,6 +40,10 @@ class Decision:
     previous_champion: str | None  # the champion before this decision (rollback target)
     warning: str | None = None
     decided_at: float = 0.0
+    # the champion re-evaluated on the candidate's test split: that run, and what the champion
+    # had recorded before ("<value> on <digest>")
+    champion_eval_run: str | None = None
+    champion_recorded: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +67,10 @@ class Decision:
             f"test digest: candidate {self.candidate_digest or 'unknown'}, champion "
             f"{self.champion_digest or 'n/a'}.",
         ]
+        if self.champion_eval_run:
+            lines.append(f"The champion was re-evaluated on the candidate's test split (MLflow "
+                         f"run {self.champion_eval_run}); it had recorded "
+                         f"{self.champion_recorded or 'n/a'}.")
         if self.warning:
             lines.append(f"WARNING: {self.warning}")
         if self.promoted and self.previous_champion:

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -47,6 +48,7 @@ from .pyfunc import (
     signature,
 )
 
+log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_NAME_IN_RUN = "model"  # the pyfunc's name inside the training run
 TRAIN_CONFIG_PATH, MANIFEST_PATH = "config/train_config.json", "manifest/manifest.json"
@@ -103,6 +105,8 @@ def register(cfg: RegisterConfig) -> dict[str, Any]:
                           digest=_eval_digest(run.data.tags))
     decision = promote(client, cfg, candidate, create=create)
     version = decision.candidate_version
+    if decision.champion_eval_run:  # the re-evaluation links to both versions
+        client.set_tag(decision.champion_eval_run, "vitpipe.reeval.candidate_version", version)
     return {
         "model_name": name,
         "version": version,
@@ -127,12 +131,23 @@ def promote(client: MlflowClient, cfg: RegisterConfig, candidate: Contender,
     The remaining race window is documented in :mod:`vitpipe.registry.lock`.
     """
     name = cfg.model_name
-    gate = partial(decide, metric=cfg.metric, higher_is_better=cfg.higher_is_better,
-                   margin=cfg.margin, digest_mismatch=cfg.digest_mismatch)
+    decide_ = partial(decide, metric=cfg.metric, higher_is_better=cfg.higher_is_better,
+                      margin=cfg.margin, digest_mismatch=cfg.digest_mismatch)
+
+    def gate(cand: Contender, champ_mv: ModelVersion | None) -> Decision:
+        if champ_mv is None:
+            return decide_(cand, None)
+        recorded = contender_of(client, champ_mv, cfg.metric)
+        again = _reevaluated(client, cfg, recorded)
+        decision = decide_(cand, again or recorded)
+        if again is None:
+            return decision
+        return replace(decision, champion_eval_run=cfg.champion_eval_run_id,
+                       champion_recorded=f"{recorded.value} on {recorded.digest}")
+
     with gate_lock(client, name, ttl=cfg.lock_ttl_s, timeout=cfg.lock_timeout_s):
         champ_mv = alias_version(client, name, CHAMPION)
-        decision = gate(candidate, contender_of(client, champ_mv, cfg.metric) if champ_mv
-                        else None)
+        decision = gate(candidate, champ_mv)
         if create is not None:
             candidate = replace(candidate, version=create(decision))
             decision = replace(decision, candidate_version=candidate.version)
@@ -146,7 +161,7 @@ def promote(client: MlflowClient, cfg: RegisterConfig, candidate: Contender,
                 client.set_registered_model_alias(name, CHAMPION, candidate.version)
                 return decision
             champ_mv = now
-            decision = gate(candidate, contender_of(client, now, cfg.metric) if now else None)
+            decision = gate(candidate, now)
             record_decision(client, name, decision)
         raise TrackingError(f"the champion alias of '{name}' kept moving during promotion "
                             f"of v{candidate.version}; not promoted, retry later")
@@ -211,6 +226,43 @@ def contender_of(client: MlflowClient, mv: ModelVersion, metric: str) -> Contend
             value = None
     digest = tags.get("vitpipe.eval_digest") or tags.get(f"{TAG}candidate_digest") or None
     return Contender(version=str(mv.version), value=value, digest=digest)
+
+
+REEVAL_VERSION_TAG = "vitpipe.reeval.champion_version"
+REEVAL_CANDIDATE_TAG = "vitpipe.reeval.candidate_run"
+
+
+def _reevaluated(client: MlflowClient, cfg: RegisterConfig, champ: Contender
+                 ) -> Contender | None:
+    """The champion as ``cfg.champion_eval_run_id`` measured it, when that run evaluated this
+    very champion version for this candidate; else None (the recorded figures stand)."""
+    if not cfg.champion_eval_run_id:
+        return None
+    run = client.get_run(cfg.champion_eval_run_id)
+    tags = run.data.tags
+    if tags.get(REEVAL_VERSION_TAG) != champ.version or \
+            tags.get(REEVAL_CANDIDATE_TAG) != (cfg.run_id or ""):
+        log.warning("run %s evaluated champion v%s for run %s, not v%s for %s: ignored",
+                    run.info.run_id, tags.get(REEVAL_VERSION_TAG), tags.get(REEVAL_CANDIDATE_TAG),
+                    champ.version, cfg.run_id)
+        return None
+    return Contender(version=champ.version, value=run.data.metrics.get(cfg.metric),
+                     digest=_eval_digest(tags))
+
+
+def champion_to_reevaluate(cfg: RegisterConfig, candidate_run_id: str) -> dict[str, str] | None:
+    """When the champion's metric was measured on another test split than the candidate's:
+    the champion's ``models:/<name>/<version>`` URI and the tags its re-evaluation run needs."""
+    client, _ = connect(cfg.tracking)
+    champ_mv = alias_version(client, cfg.model_name, CHAMPION)
+    if champ_mv is None:
+        return None
+    champ = contender_of(client, champ_mv, cfg.metric)
+    theirs = _eval_digest(client.get_run(candidate_run_id).data.tags)
+    if not theirs or champ.digest == theirs:
+        return None
+    return {"uri": f"models:/{cfg.model_name}/{champ.version}",
+            REEVAL_VERSION_TAG: champ.version, REEVAL_CANDIDATE_TAG: candidate_run_id}
 
 
 def _num(mv: ModelVersion | None) -> str | None:
