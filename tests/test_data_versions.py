@@ -156,3 +156,38 @@ def test_versions_on_s3(s3_env, tmp_path) -> None:
     assert v2.splits["train"].count + v2.splits["val"].count == 50
     assert storage.exists(f"{bucket}/ds/manifest-{v1.digest}.json")
     assert len(_keys(uri, "train")) == v2.splits["train"].count
+
+
+def test_a_grown_s3_prefix_appends_new_shards(s3_env, tmp_path) -> None:
+    """The source an S3 prefix of ``<class>/<image>`` objects, read with boto3."""
+    bucket = s3_env.make_bucket("vp-source")
+
+    def upload(split: str, start: int, n: int) -> None:
+        local = tmp_path / f"up-{split}-{start}"
+        _add_images(local, start, n)
+        for p in sorted(local.rglob("*.png")):
+            storage.upload_file(p, f"{bucket}/images/{split}/{p.parent.name}/{p.name}")
+
+    upload("train", 0, 20)
+    upload("test", 0, 4)
+    cfg = ShardConfig(source={"kind": "imagefolder", "path": f"{bucket}/images/train",
+                              "test_path": f"{bucket}/images/test"},
+                      output=str(tmp_path / "shards"), val_fraction=0.2,
+                      max_samples_per_shard=16, workers=2)
+    uri = shard(cfg)
+    v1 = read_manifest(uri)
+    assert v1.classes == list(CLASSES) and v1.splits["test"].count == 8
+    assert v1.splits["train"].count + v1.splits["val"].count == 40
+    before = _files(tmp_path / "shards")
+    upload("train", 20, 3)
+    shard(cfg)
+    v2 = read_manifest(uri)
+    assert v2.version == 2 and v2.parent == v1.digest
+    after = _files(tmp_path / "shards")
+    assert {k: after[k] for k in before} == before
+    assert sum(s.count for sp in v2.splits.values() for s in sp.shards
+               if s.name not in before) == 6
+    assert len(_keys(uri, "train")) + len(_keys(uri, "val")) == 46
+    with pytest.raises(DataError, match="no images under"):
+        shard(cfg.model_copy(update={"source": cfg.source.model_copy(
+            update={"path": f"{bucket}/nothing"}), "output": str(tmp_path / "other")}))

@@ -318,7 +318,11 @@ def test_pipeline_runs_each_stage_as_its_own_flow_run(deployed: Stack, pipeline_
 
 
 def test_killed_training_process_is_retried_and_resumes(deployed: Stack, pipeline_run) -> None:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
 
     killed = pipeline_run["killed"]
     assert killed.get("pid"), "the fine-tune trainer was never seen running"
@@ -326,9 +330,14 @@ def test_killed_training_process_is_retried_and_resumes(deployed: Stack, pipelin
         children = c.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run["run"].id])))
         ft = next(r for r in children if c.read_flow(r.flow_id).name == "finetune")
-        states = [s.name for s in c.read_flow_run_states(ft.id)]
-    assert ft.run_count == 2 and "AwaitingRetry" in states, states
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[ft.id])))
+        attempt = next(t for t in tasks if t.name.startswith("train-attempt"))
+        states = [s.name for s in c.read_task_run_states(attempt.id)]
+    # the stage's training task is retried (launch.max_retries), within one flow run
+    assert attempt.run_count == 2 and "AwaitingRetry" in states, states
+    assert ft.run_count == 1 and ft.state_name == "Completed"
     logs = deployed.logs(str(ft.id))
+    assert "attempt 2 of finetune: resuming from the newest checkpoint" in logs
     assert "training process exited" in logs or "killed" in logs
     # checkpoints are scoped to this pipeline run, so the next run will not resume them
     assert killed["ckpt_dir"].name == str(pipeline_run["run"].id)

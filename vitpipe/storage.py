@@ -302,21 +302,27 @@ def sha256(uri: str | os.PathLike, s3: S3Config | None = None) -> str:
     return h.hexdigest()
 
 
+def list_objects(prefix: str, s3: S3Config | None = None) -> list[tuple[str, int, str]]:
+    """``(URI, size, ETag)`` of every object under an ``s3://`` prefix (recursive), sorted."""
+    bucket, key = split_s3(prefix)
+    key = key.rstrip("/") + "/" if key else ""
+    c = client(s3)
+
+    def pages() -> list[tuple[str, int, str]]:
+        out = []
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [(f"s3://{bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")))
+                    for o in page.get("Contents", [])]
+        return out
+
+    return sorted(_call(pages, prefix, s3, "list"))
+
+
 def list_uris(prefix: str | os.PathLike, s3: S3Config | None = None) -> list[str]:
     """Every file/object under ``prefix`` (recursive), sorted, as full URIs/paths."""
     prefix = str(prefix)
     if is_s3(prefix):
-        bucket, key = split_s3(prefix)
-        key = key.rstrip("/") + "/" if key else ""
-        c = client(s3)
-
-        def pages() -> list[str]:
-            out = []
-            for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-                out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
-            return out
-
-        return sorted(_call(pages, prefix, s3, "list"))
+        return [uri for uri, _, _ in list_objects(prefix, s3)]
     root = local_path(prefix)
     if not root.exists():
         return []

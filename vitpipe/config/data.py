@@ -19,7 +19,8 @@ class S3Config(StrictModel):
 
 
 class SourceConfig(StrictModel):
-    """What to shard: Fashion-MNIST IDX files or an ImageFolder tree."""
+    """What to shard: Fashion-MNIST IDX files or an ImageFolder tree (a local path, or
+    ``s3://bucket/prefix`` holding ``<class>/<image>`` objects)."""
 
     kind: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
     path: str = "/usr/share/datasets/fashion-mnist"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config.data import SourceConfig
+from ..config.data import S3Config, SourceConfig
 from ..errors import DataError
 from .manifest import SourceInfo
 
@@ -278,10 +278,82 @@ class ImageFolderSource(Source):
                           counts=self.splits())
 
 
-def open_source(cfg: SourceConfig) -> Source:
-    """The source a :class:`SourceConfig` describes."""
+class S3ImageFolderSource(Source):
+    """``s3://bucket/prefix/<class>/<image>`` (train; optional val/test prefixes), listed and
+    read with boto3 (:mod:`vitpipe.storage`). Classes and keys as :class:`ImageFolderSource`;
+    fingerprints use each object's size and ETag, so a grown prefix appends new shards."""
+
+    def __init__(self, path: str, val_path: str | None = None, test_path: str | None = None,
+                 s3: S3Config | None = None):
+        from .. import storage
+
+        self.path, self.s3 = path.rstrip("/"), s3
+        self.roots = {"train": self.path}
+        if val_path:
+            self.roots["val"] = val_path.rstrip("/")
+        if test_path:
+            self.roots["test"] = test_path.rstrip("/")
+        exts = image_extensions()
+        listed: dict[str, list[tuple[str, str, int, str]]] = {}
+        for split, root in self.roots.items():
+            rows = []
+            for uri, size, etag in storage.list_objects(root, s3):
+                rel = uri[len(root) + 1:]
+                if "/" in rel and uri.lower().endswith(exts):
+                    rows.append((uri, rel, size, etag))
+            if not rows:
+                raise DataError(f"no images under {root}/<class>/ (looked for "
+                                f"{', '.join(exts[:6])}, ... objects)")
+            listed[split] = rows
+        self.classes = sorted({rel.split("/", 1)[0] for _, rel, _, _ in listed["train"]})
+        index = {c: i for i, c in enumerate(self.classes)}
+        self._items: dict[str, list[tuple[str, str, int, int, str]]] = {}
+        for split, rows in listed.items():
+            extra = sorted({rel.split("/", 1)[0] for _, rel, _, _ in rows} - set(index))
+            if extra:
+                raise DataError(f"{self.roots[split]} has class folders not in {self.path}: "
+                                f"{', '.join(extra)}; every split must use the train split's "
+                                "classes")
+            items, seen = [], {}
+            for uri, rel, size, etag in rows:
+                key = "/".join(_KEY_UNSAFE.sub("_", part) for part in rel.split("/"))
+                if key in seen:
+                    raise DataError(f"{uri} and {seen[key]} map to the same sample key "
+                                    f"'{key}'; rename one")
+                seen[key] = uri
+                items.append((uri, key, index[rel.split("/", 1)[0]], size, etag))
+            self._items[split] = items
+
+    def splits(self) -> dict[str, int]:
+        return {s: len(v) for s, v in self._items.items()}
+
+    def sample(self, split: str, index: int) -> Sample:
+        from .. import storage
+
+        uri, key, label, _, _ = self._items[split][index]
+        return Sample(key, storage.read_bytes(uri, self.s3), label, uri)
+
+    def fingerprints(self, split: str) -> dict[str, str]:
+        return {key: f"{label}:{size}:{etag}" for _, key, label, size, etag in self._items[split]}
+
+    def info(self) -> SourceInfo:
+        h = hashlib.sha256()
+        for split in self._items:
+            for key, fp in self.fingerprints(split).items():
+                h.update(f"{split}\t{key}\t{fp}\n".encode())
+        return SourceInfo(kind="imagefolder", path=self.path, digest=h.hexdigest(),
+                          val_path=self.roots.get("val"), test_path=self.roots.get("test"),
+                          counts=self.splits())
+
+
+def open_source(cfg: SourceConfig, s3: S3Config | None = None) -> Source:
+    """The source a :class:`SourceConfig` describes (an ``s3://`` ImageFolder reads with
+    ``s3``'s endpoint and credentials)."""
     if cfg.kind == "fashion_mnist":
         return FashionMNISTSource(cfg.path)
+    if cfg.kind == "imagefolder" and cfg.path.startswith("s3://"):
+        return S3ImageFolderSource(cfg.path, val_path=cfg.val_path, test_path=cfg.test_path,
+                                   s3=s3)
     if cfg.kind == "imagefolder":
         return ImageFolderSource(cfg.path, val_path=cfg.val_path, test_path=cfg.test_path)
     raise DataError(f"unknown source kind {cfg.kind!r}")

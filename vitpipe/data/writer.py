@@ -306,7 +306,7 @@ def shard(cfg: ShardConfig) -> str:
     out = cfg.output.rstrip("/") if "://" in cfg.output else cfg.output
     uri = storage.join(out, MANIFEST_NAME)
     storage.check_bucket(out, cfg.s3)
-    source = open_source(cfg.source)
+    source = open_source(cfg.source, cfg.s3)
     digest = config_digest(cfg)
     old = _existing(uri, cfg)
     parent = None
