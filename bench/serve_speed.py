@@ -12,7 +12,9 @@ shared machine, medians mostly measure the neighbours).
     nice python bench/serve_speed.py --clock cpu --threads 1   # on a shared machine
 
 The last line printed is one JSON object: pyfunc_img_s, bare_img_s, pyfunc_over_bare,
-serve_req_s (one image per request, keep-alive), serve_batch_img_s (batch per request), ...
+serve_req_s (one image per request, keep-alive), serve_batch_img_s (batch per request),
+onnx_img_s / onnx_over_pyfunc / onnx_over_bare (the ``vitpipe export-onnx`` graph in
+onnxruntime on the decoded tensors, CPU), ...
 """
 
 from __future__ import annotations
@@ -170,14 +172,36 @@ def main() -> None:
         with torch.inference_mode():
             want = model(x).argmax(-1)[:, None].tolist()
         assert got == want, "pyfunc and bare forward disagree"
-        bare(), via_pyfunc()  # warm-up
-        t = fastest({"bare": bare, "pyfunc": via_pyfunc}, args.repeats, args.iters, clock)
+        # the ONNX export (vitpipe export-onnx) in onnxruntime, on the same decoded tensors,
+        # with as many intra-op threads as torch
+        import onnxruntime as ort
+
+        from vitpipe.registry.onnx_export import export_onnx
+
+        export_onnx("models:/bench@champion", work / "model.onnx", TrackingConfig(uri=uri))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(work / "model.onnx"), opts,
+                                    providers=["CPUExecutionProvider"])
+        xn = x.numpy()
+
+        def via_onnx() -> None:
+            sess.run(["logits"], {"pixels": xn})
+
+        assert (sess.run(["logits"], {"pixels": xn})[0].argmax(-1)[:, None].tolist() == want), \
+            "onnxruntime and bare forward disagree"
+        bare(), via_pyfunc(), via_onnx()  # warm-up
+        t = fastest({"bare": bare, "pyfunc": via_pyfunc, "onnx": via_onnx}, args.repeats,
+                    args.iters, clock)
         result = {
             "model": args.model, "batch": args.batch, "torch_threads": torch.get_num_threads(),
             "clock": args.clock,
             "pyfunc_img_s": round(args.batch / t["pyfunc"], 1),
             "bare_img_s": round(args.batch / t["bare"], 1),
             "pyfunc_over_bare": round(t["bare"] / t["pyfunc"], 3),
+            "onnx_img_s": round(args.batch / t["onnx"], 1),
+            "onnx_over_pyfunc": round(t["pyfunc"] / t["onnx"], 3),
+            "onnx_over_bare": round(t["bare"] / t["onnx"], 3),
         }
         print(f"pyfunc {result['pyfunc_img_s']} img/s, bare forward {result['bare_img_s']} "
               f"img/s (batch {args.batch})", flush=True)

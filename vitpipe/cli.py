@@ -152,6 +152,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_cli(args.model_uri, args.images, top_k=args.top_k, as_json=args.json)
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .config import TrackingConfig
+    from .registry.onnx_export import check_against_pyfunc, export_onnx
+
+    tracking = TrackingConfig(uri=args.tracking_uri) if args.tracking_uri else None
+    out = export_onnx(args.model_uri, args.out, tracking)
+    if args.check:
+        out["max_abs_logit_diff_vs_pyfunc"] = check_against_pyfunc(
+            args.model_uri, args.out, args.check, tracking)
+    print(json.dumps(out))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the Prefect pipeline flow (in its own process: this library imports no Prefect)."""
     cmd = [sys.executable, "-m", "flows.pipeline"]
@@ -228,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export-onnx", help="a registered model's network as ONNX (dynamic batch; "
+                       "preprocessing in its metadata)")
+    p.add_argument("model_uri", help="e.g. models:/vitpipe-fmnist@champion")
+    p.add_argument("out", help="where to write the .onnx file")
+    p.add_argument("--check", nargs="*", metavar="IMAGE", default=[],
+                   help="images to compare onnxruntime's logits with the pyfunc's on (1e-4)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite)")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("run", help="run the whole pipeline flow (Prefect, ephemeral if no server)")
     _add_config_args(p)

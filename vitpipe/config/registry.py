@@ -29,6 +29,7 @@ class RegisterConfig(StrictModel):
     digest_mismatch: Literal["refuse", "promote_with_warning"] = "refuse"
     top_k: int = Field(5, ge=1)  # default top-k of the pyfunc (callers may pass params.top_k)
     weights_artifact: str = "weights/model.safetensors"  # or weights/model_ema.safetensors
+    onnx: bool = True  # also log the network as ONNX (onnx/model.onnx) beside the pyfunc
     lock_timeout_s: float = Field(60.0, gt=0)  # wait at most this long for the promotion lock
     lock_ttl_s: float = Field(60.0, gt=0)  # a crashed holder's lock is taken over after this
     tracking: TrackingConfig = TrackingConfig()

@@ -104,6 +104,7 @@ class VitClassifier(mlflow.pyfunc.PythonModel):
         img_size = cfg.data.augment.img_size or int(net.img_size)
         self.transform = build_eval_transform(cfg.data.augment, manifest, img_size)
         self.input_shape = (int(net.in_chans), img_size, img_size)
+        self.mean, self.std = list(manifest.mean), list(manifest.std)  # for an ONNX export
 
     # ``pd.DataFrame`` is what MLflow hands over after enforcing the logged signature, and a
     # hint MLflow derives no schema from (list[...] hints would override the signature).

@@ -32,7 +32,7 @@ from PIL import Image
 import vitpipe
 
 from ..config import ConfigError, RegisterConfig, TrackingConfig, TrainConfig
-from ..errors import TrackingError
+from ..errors import TrackingError, VitpipeError
 from ..tracking import artifact_errors
 from .client import connect, is_already_exists, is_not_found, tracking_errors
 from .gate import TAG, Contender, Decision, decide
@@ -81,7 +81,8 @@ def register(cfg: RegisterConfig) -> dict[str, Any]:
         example = _example_input(int(net.in_chans), int(train_cfg.data.augment.img_size
                                                         or net.img_size))
         weights_sha = hashlib.sha256(files[ART_WEIGHTS].read_bytes()).hexdigest()
-        model_uri = _log_pyfunc(uri, run, files, cfg.top_k, example)
+        onnx_file = _onnx(cfg, net, train_cfg, manifest, Path(tmp)) if cfg.onnx else None
+        model_uri = _log_pyfunc(uri, run, files, cfg.top_k, example, onnx_file)
     tags = _lineage_tags(run, manifest, weights_sha)
     name = cfg.model_name
 
@@ -306,8 +307,31 @@ def _example_input(channels: int, size: int) -> Any:
     return pd.DataFrame({INPUT_COLUMN: [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
-def _log_pyfunc(uri: str, run: Any, files: dict[str, Path], top_k: int, example: Any) -> str:
-    """Log the pyfunc into the training run (lineage), leaving the run's status as it was."""
+def _onnx(cfg: RegisterConfig, net: Any, train_cfg: TrainConfig, manifest: Any,
+          tmp: Path) -> Path | None:
+    """The network as ONNX, with the pyfunc's preprocessing in its metadata (None, and a
+    warning, when the ONNX packages are missing)."""
+    from ..data.transforms import build_eval_transform
+    from .images import mode_for_channels
+    from .onnx_export import onnx_metadata, write_onnx
+
+    img = int(train_cfg.data.augment.img_size or net.img_size)
+    shape = (int(net.in_chans), img, img)
+    meta = onnx_metadata(f"runs:/{cfg.run_id}/{MODEL_NAME_IN_RUN}", list(manifest.classes),
+                         shape, mode_for_channels(shape[0]),
+                         build_eval_transform(train_cfg.data.augment, manifest, img),
+                         list(manifest.mean), list(manifest.std))
+    try:
+        return write_onnx(net, shape, meta, tmp / "onnx" / "model.onnx")
+    except VitpipeError as err:
+        log.warning("no ONNX artifact: %s", err)
+        return None
+
+
+def _log_pyfunc(uri: str, run: Any, files: dict[str, Path], top_k: int, example: Any,
+                onnx_file: Path | None = None) -> str:
+    """Log the pyfunc (and the ONNX file beside it) into the training run (lineage), leaving
+    the run's status as it was."""
     mlflow.set_tracking_uri(uri)
     info = run.info
     try:
@@ -322,6 +346,8 @@ def _log_pyfunc(uri: str, run: Any, files: dict[str, Path], top_k: int, example:
                 pip_requirements=[f"vitpipe=={vitpipe.__version__}",
                                   f"mlflow=={mlflow.__version__}"],
             )
+            if onnx_file is not None:
+                mlflow.log_artifact(str(onnx_file), "onnx")
     finally:
         if info.status in ("FINISHED", "FAILED", "KILLED"):
             MlflowClient(uri).set_terminated(info.run_id, status=info.status,
