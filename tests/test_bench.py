@@ -27,6 +27,7 @@ BENCHES = {
                         "vits16"}),
     "serve_speed.py": (["--quick", "--batch", "4"], {"pyfunc_over_bare", "serve_req_s",
                                                         "onnx_over_pyfunc"}),
+    "score_speed.py": (["--quick"], {"flow_img_s", "bare_img_s", "flow_over_bare"}),
     "data_speed.py": (["--fmnist-count", "1000", "--color-count", "200"],
                       {"wds_over_imagefolder", "wds_over_decode_ceiling",
                        "color_wds_over_decode_ceiling", "crc_cost", "color_crc_cost",

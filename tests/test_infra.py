@@ -271,7 +271,7 @@ def test_prefect_yaml_declares_every_stage_on_every_pool_kind() -> None:
     from flows.stages import STAGE_FLOWS
 
     deps = _prefect_yaml()["deployments"]
-    flows = {*STAGE_FLOWS, "pipeline"}
+    flows = {*STAGE_FLOWS, "pipeline", "score"}
     for kind in ("process", "docker", "kubernetes"):
         have = {d["entrypoint"].split(":")[1] for d in deps if d["name"] == kind}
         assert have == flows, f"{kind}: {sorted(flows - have)} missing"

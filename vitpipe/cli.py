@@ -165,6 +165,16 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from .config import ScoreConfig, load
+    from .score import score
+
+    overrides = [f"model={args.model_uri}", f"input={args.input}", f"output={args.output}",
+                 *args.overrides]
+    print(json.dumps(score(load(ScoreConfig, args.config, overrides))))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the Prefect pipeline flow (in its own process: this library imports no Prefect)."""
     cmd = [sys.executable, "-m", "flows.pipeline"]
@@ -250,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images to compare onnxruntime's logits with the pyfunc's on (1e-4)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite)")
     p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("score", help="score a folder, s3:// prefix or shard set with a model, "
+                       "predictions to Parquet")
+    p.add_argument("model_uri", help="e.g. models:/vitpipe-fmnist@champion")
+    p.add_argument("input", help="an image folder, an s3:// prefix or a manifest.json")
+    p.add_argument("output", help="a .parquet path or s3:// URI")
+    p.add_argument("--config", "-c", help="YAML with ScoreConfig fields")
+    p.add_argument("overrides", nargs="*", help="e.g. batch_size=128 top_k=3 tracking.uri=...")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("run", help="run the whole pipeline flow (Prefect, ephemeral if no server)")
     _add_config_args(p)

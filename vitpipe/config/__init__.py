@@ -17,6 +17,7 @@ from .evaluate import EvaluateConfig
 from .model import MAEConfig, ModelConfig
 from .pipeline import LaunchConfig, PipelineConfig, merge
 from .registry import RegisterConfig
+from .score import ScoreConfig
 from .tracking import TrackingConfig
 from .train import CheckpointConfig, OptimConfig, TrainConfig
 
@@ -42,6 +43,7 @@ __all__ = [
     "PipelineConfig",
     "RegisterConfig",
     "S3Config",
+    "ScoreConfig",
     "ShardConfig",
     "SourceConfig",
     "StrictModel",

@@ -1,0 +1,28 @@
+"""Batch scoring config: which model scores which images, and where the predictions go."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import StrictModel
+from .data import S3Config
+from .tracking import TrackingConfig
+
+
+class ScoreConfig(StrictModel):
+    """``model`` scores ``input`` in batches; predictions go to ``output`` as Parquet.
+
+    ``input``: a folder of images (recursive), an ``s3://`` prefix of images, or a shard set's
+    manifest (``.../manifest.json``; ``split`` chooses which of its splits).
+    """
+
+    model: str = "models:/vitpipe-fmnist@champion"  # any pyfunc URI vitpipe registered
+    input: str
+    output: str  # a .parquet path or s3:// URI
+    split: str = "test"  # for a shard-set input
+    batch_size: int = Field(256, gt=0)
+    top_k: int = Field(5, ge=1)
+    num_workers: int = Field(2, ge=0)  # decode processes
+    progress: bool = True
+    s3: S3Config = S3Config()
+    tracking: TrackingConfig = TrackingConfig()
