@@ -11,7 +11,7 @@ import pytest
 from vitpipe.cli import main
 
 SUBCOMMANDS = ["model-info", "config", "shard", "train", "evaluate", "register", "rollback",
-               "predict", "run", "stack"]
+               "predict", "score", "export-onnx", "run", "stack"]
 
 
 def test_help_lists_every_subcommand():
