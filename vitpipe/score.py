@@ -101,9 +101,12 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _images_of(cursor: Any) -> list[bytes]:
+    """A shard's image members, in sample order (the label and checksum members left out)."""
+    from .data.manifest import CRC_EXT
+
     out = []
     for _key, members in cursor.read_many(0, 1 << 62):
-        out.append(next(v for k, v in members.items() if k not in ("cls", "crc")))
+        out.append(next(v for k, v in members.items() if k not in ("cls", CRC_EXT)))
     cursor.close()
     return out
 
