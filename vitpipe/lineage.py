@@ -26,12 +26,15 @@ from .tracking import git_commit
 INPUTS_TAG = "vitpipe.inputs_digest"
 CHAMPION_INIT = "champion"  # finetune.init value that means "the registered champion"
 
-# where things go, not what is trained: left out of the digest wherever they appear
+# where things go, not what is trained: left out of the digest. The pipeline's own name, its
+# shard section (the dataset digest stands for what it made) and orchestration at the top
+# level only (``model.name`` is an architecture); the others wherever they appear.
+_TOP_LEVEL_KEYS = frozenset({"name", "shard", "orchestration"})
 _LOCATION_KEYS = frozenset({
-    "name", "output", "output_dir", "checkpoint", "tracking", "progress", "manifest", "run_id",
-    "weights", "orchestration", "max_retries", "retry_delay_s", "grace_seconds",
-    "rendezvous_timeout_s", "main_process_ip", "main_process_port", "machine_rank",
-    "lock_timeout_s", "lock_ttl_s", "s3", "shard", "log_every_n_steps", "num_attention_images",
+    "output", "output_dir", "checkpoint", "tracking", "progress", "manifest", "run_id",
+    "weights", "max_retries", "retry_delay_s", "grace_seconds", "rendezvous_timeout_s",
+    "main_process_ip", "main_process_port", "machine_rank", "lock_timeout_s", "lock_ttl_s",
+    "s3", "log_every_n_steps", "num_attention_images",
 })
 
 
@@ -46,7 +49,8 @@ def _strip(value: Any) -> Any:
 def inputs_digest(cfg: PipelineConfig, dataset_digest: str, code: str | None = None) -> str:
     """SHA-256 over the dataset digest, the settings that decide the result and the code
     version (``code``; default: the git commit and the package version)."""
-    body = {"dataset": dataset_digest, "config": _strip(cfg.model_dump(mode="json")),
+    top = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _TOP_LEVEL_KEYS}
+    body = {"dataset": dataset_digest, "config": _strip(top),
             "code": code or f"{__version__}+{git_commit()}"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
