@@ -21,9 +21,9 @@ from vitpipe.score import score
 
 
 def _cfg(champion, inp: str, out: str, **kw) -> ScoreConfig:  # noqa: F811
+    kw = {"batch_size": 8, "num_workers": 2, **kw}
     return ScoreConfig(model=f"models:/{NAME}@champion", input=inp, output=out,
-                       batch_size=8, num_workers=2, progress=False,
-                       tracking=champion["tracking"], **kw)
+                       progress=False, tracking=champion["tracking"], **kw)
 
 
 def test_a_folder_with_a_corrupt_image_scores_every_row(champion, tmp_path) -> None:  # noqa: F811
@@ -102,3 +102,53 @@ def test_the_score_flow_runs_and_publishes_a_summary(champion, tmp_path) -> None
     out = json.loads(res.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert out["rows"] == 6 and out["model_version"] == "1"
     assert len(pd.read_parquet(tmp_path / "p.parquet")) == 6
+
+
+def test_every_kind_of_image_scores_as_the_pyfunc_predicts_it(champion, tmp_path) -> None:  # noqa: F811
+    """The batch path (native decode, batched transform) must give the pyfunc's numbers for
+    whatever users put in a folder: colour JPEGs for a grey model, palette, RGBA and grey +
+    alpha PNGs, other sizes, a PNG named .jpg, a BMP; a 16-bit PNG is an error row in both."""
+    import io
+
+    from PIL import Image
+
+    from tests.test_registry_support import fmnist_test
+
+    images, _ = fmnist_test(8)
+    rng = np.random.default_rng(16)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+
+    def save(name: str, img: Image.Image, fmt: str, **kw) -> None:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        (folder / name).write_bytes(buf.getvalue())
+
+    colour = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    save("a_rgb.jpg", colour, "JPEG", quality=90)
+    save("b_rgb.png", colour.resize((28, 28)), "PNG")
+    save("c_palette.png", colour.convert("P"), "PNG")
+    save("d_rgba.png", colour.convert("RGBA").resize((33, 30)), "PNG")
+    save("e_grey_alpha.png", Image.fromarray(images[0]).convert("LA"), "PNG")
+    save("f_big_grey.jpg", Image.fromarray(images[1]).resize((64, 64)), "JPEG")
+    save("g_png_named.jpg", Image.fromarray(images[2]), "PNG")
+    save("h_grey.bmp", Image.fromarray(images[3]), "BMP")
+    save("i_16bit.png", Image.fromarray(images[4].astype(np.uint16) * 257), "PNG")
+    for i in range(5, 8):
+        save(f"j_grey_{i}.png", Image.fromarray(images[i]), "PNG")
+    out = tmp_path / "mixed.parquet"
+    for workers in (0, 2):
+        res = score(_cfg(champion, str(folder), str(out), num_workers=workers, batch_size=5,
+                         top_k=10))
+        df = pd.read_parquet(out).sort_values("key").reset_index(drop=True)
+        paths = sorted(folder.iterdir())
+        assert df["key"].tolist() == [p.name for p in paths] and res["rows"] == len(paths)
+        served = load_model(f"models:/{NAME}@champion", champion["tracking"]).predict(
+            [p.read_bytes() for p in paths], params={"top_k": 10})
+        assert df["error"].notna().tolist() == served["error"].notna().tolist()
+        assert df["error"].notna().sum() == 1 and res["errors"] == 1
+        assert df.loc[df["key"] == "i_16bit.png", "error"].item().startswith("ImageInputError")
+        ok = df["error"].isna()
+        assert df.loc[ok, "label"].tolist() == served.loc[ok, "label"].tolist()
+        assert np.allclose(np.stack(df.loc[ok, "top_k_probs"]),
+                           np.stack(served.loc[ok, "top_k_probs"]), atol=1e-6)

@@ -52,14 +52,25 @@ def _image_op() -> Callable | None:
 _DECODE_OP: Callable | None = None
 
 
-_GRAY, _RGB = 1, 3  # torchvision.io.ImageReadMode.GRAY / .RGB values, as the op takes them
+_UNCHANGED, _GRAY, _RGB = 0, 1, 3  # torchvision.io.ImageReadMode values, as the op takes them
+
+
+def _png_channels(data: bytes | bytearray) -> int:
+    """1 or 3 for an 8-bit grey or RGB PNG (IHDR bit depth and colour type), else 0: in
+    UNCHANGED mode the native decoder returns a palette PNG's indices as grey levels."""
+    if len(data) < 26 or data[12:16] != b"IHDR" or data[24] != 8:
+        return 0
+    return {0: 1, 2: 3}.get(data[25], 0)
 
 
 def decode_tensor(data: bytes | bytearray, ext: str, channels: int, origin: str, *,
-                  plain: bool = False) -> torch.Tensor:
+                  plain: bool = False, pil_conversion: bool = False) -> torch.Tensor:
     """Decode to a uint8 ``tv_tensors.Image`` (C, H, W) with ``channels`` channels, in
     channels-last memory for colour images; ``plain``: a plain tensor (for batch-only
-    transforms, which need no tv_tensor dispatch: saves ~2 us per image).
+    transforms, which need no tv_tensor dispatch: saves ~2 us per image). ``pil_conversion``:
+    only images that already have ``channels`` channels take the native decoder; others are
+    converted by PIL, as the sharder and the registered pyfunc convert them (libpng's RGB ->
+    gray weights are Rec. 709, PIL's Rec. 601, so the two would disagree by a grey level).
 
     torchvision's decoders (libpng/libjpeg-turbo straight into a tensor) are 2-2.5x faster than
     PIL + conversion; other formats, and anything they reject, go through PIL, which also gives
@@ -73,13 +84,17 @@ def decode_tensor(data: bytes | bytearray, ext: str, channels: int, origin: str,
                 check(data)
             except imgcheck.ImageCheckError as err:
                 raise DataError(f"corrupt image {origin}: {err}") from None
+        native = not pil_conversion or ext != "png" or _png_channels(data) == channels
         try:
             # torch.frombuffer needs a writable buffer: a bytearray (as the shard reader hands
             # out) is used as it is, bytes are copied
             buf = data if type(data) is bytearray else bytearray(data)
-            t = _image_op()(torch.frombuffer(buf, dtype=torch.uint8),
-                            _GRAY if channels == 1 else _RGB, False)
-            if t.dtype is torch.uint8 and t.ndim == 3:  # else (16-bit PNG...): PIL below
+            mode = (_UNCHANGED if pil_conversion and ext != "png" else
+                    _GRAY if channels == 1 else _RGB)
+            t = _image_op()(torch.frombuffer(buf, dtype=torch.uint8), mode, False) if native \
+                else None
+            if t is not None and t.dtype is torch.uint8 and t.ndim == 3 and (
+                    t.shape[0] == channels):  # else (16-bit, CMYK, ...): PIL below
                 # a (C, H, W) view of (H, W, C) memory: kept so, as batches are stacked
                 # channels-last (transforms.transform_batch), where resizing is 2-3x faster
                 return t if plain else t.as_subclass(tv_tensors.Image)
