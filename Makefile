@@ -50,6 +50,7 @@ bench: install-test
 	$(PY) bench/data_speed.py
 	$(PY) bench/train_speed.py
 	$(PY) bench/serve_speed.py
+	$(PY) bench/score_speed.py
 
 clean:
 	rm -rf runs shards mlruns mlartifacts mlflow.db .pytest_cache

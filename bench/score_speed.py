@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_speed import fmnist_test, png, registered_model  # noqa: E402
 
 from vitpipe.config import ModelConfig, ScoreConfig, TrackingConfig  # noqa: E402
+from vitpipe.score import decode_workers  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +38,8 @@ def main() -> None:
     ap.add_argument("--model", default="vit_tiny_patch4_28")
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="decode processes (default: the score config's own choice)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -70,7 +72,8 @@ def main() -> None:
                 torch.softmax(model(x[s:s + args.batch]), -1)
         bare = len(x) / (time.perf_counter() - t0)
     out = {"model": args.model, "images": args.images, "batch": args.batch,
-           "workers": args.workers, "torch_threads": torch.get_num_threads(),
+           "workers": decode_workers(args.workers, torch.device("cpu"), 1 << 30),
+           "torch_threads": torch.get_num_threads(),
            "flow_img_s": res["img_per_s"], "flow_wall_s": round(flow_wall, 1),
            "bare_img_s": round(bare, 1), "flow_over_bare": round(res["img_per_s"] / bare, 3)}
     print(json.dumps(out))

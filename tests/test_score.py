@@ -152,3 +152,18 @@ def test_every_kind_of_image_scores_as_the_pyfunc_predicts_it(champion, tmp_path
         assert df.loc[ok, "label"].tolist() == served.loc[ok, "label"].tolist()
         assert np.allclose(np.stack(df.loc[ok, "top_k_probs"]),
                            np.stack(served.loc[ok, "top_k_probs"]), atol=1e-6)
+
+
+def test_decode_workers_leave_the_cores_to_a_cpu_forward() -> None:
+    import os
+
+    import torch
+
+    from vitpipe.score import decode_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert decode_workers(None, torch.device("cpu"), 100) == min(1, cores - 1)
+    assert decode_workers(None, torch.device("cuda"), 100) == max(0, min(8, cores - 1))
+    assert decode_workers(6, torch.device("cpu"), 100) == 6
+    assert decode_workers(6, torch.device("cpu"), 2) == 2  # no idle processes
+    assert decode_workers(0, torch.device("cuda"), 100) == 0

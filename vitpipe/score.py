@@ -175,11 +175,22 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+def decode_workers(asked: int | None, device: torch.device, batches: int) -> int:
+    """``asked``, or (None) one process on CPU and cores - 1 (at most 8) beside a GPU; never
+    more than there are batches."""
+    if asked is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        asked = min(8, cores - 1) if device.type == "cuda" else min(1, cores - 1)
+    return max(0, min(asked, batches))
+
+
 def _batches(items: list[Item], clf: Any, cfg: ScoreConfig) -> Iterator[tuple]:
     # batches are contiguous ranges of ``items``: a shard set's worker holds one shard at a time
     ds = _Batches(items, cfg.batch_size, clf, cfg.s3)
+    workers = decode_workers(cfg.num_workers, clf.device, len(ds))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False,
-                                         num_workers=cfg.num_workers, collate_fn=_identity,
+                                         num_workers=workers, collate_fn=_identity,
                                          pin_memory=clf.device.type == "cuda")
     yield from loader
 

@@ -22,7 +22,10 @@ class ScoreConfig(StrictModel):
     split: str = "test"  # for a shard-set input
     batch_size: int = Field(256, gt=0)
     top_k: int = Field(5, ge=1)
-    num_workers: int = Field(2, ge=0)  # decode processes
+    # decode processes; None: one on a CPU-only machine (decoding is a few % of a CPU
+    # forward, and more processes take cores from the forward's threads), else cores - 1 up
+    # to 8 (a GPU forward waits for decoding)
+    num_workers: int | None = Field(None, ge=0)
     progress: bool = True
     s3: S3Config = S3Config()
     tracking: TrackingConfig = TrackingConfig()
