@@ -162,7 +162,7 @@ def test_decode_workers_leave_the_cores_to_a_cpu_forward() -> None:
     from vitpipe.score import decode_workers
 
     cores = len(os.sched_getaffinity(0))
-    assert decode_workers(None, torch.device("cpu"), 100) == min(1, cores - 1)
+    assert decode_workers(None, torch.device("cpu"), 100) == max(0, min(1, cores - 2))
     assert decode_workers(None, torch.device("cuda"), 100) == max(0, min(8, cores - 1))
     assert decode_workers(6, torch.device("cpu"), 100) == 6
     assert decode_workers(6, torch.device("cpu"), 2) == 2  # no idle processes

@@ -176,12 +176,12 @@ def _identity(batch: Any) -> Any:
 
 
 def decode_workers(asked: int | None, device: torch.device, batches: int) -> int:
-    """``asked``, or (None) one process on CPU and cores - 1 (at most 8) beside a GPU; never
-    more than there are batches."""
+    """``asked``, or (None) on CPU 0 up to 2 cores and 1 above, cores - 1 (at most 8) beside
+    a GPU; never more than there are batches."""
     if asked is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
-        asked = min(8, cores - 1) if device.type == "cuda" else min(1, cores - 1)
+        asked = min(8, cores - 1) if device.type == "cuda" else max(0, min(1, cores - 2))
     return max(0, min(asked, batches))
 
 
@@ -201,9 +201,11 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
+    from .memory import reuse_freed_memory
     from .registry.predict import load_model
     from .tracking import Tracker
 
+    reuse_freed_memory()  # else each batch's activations are page-faulted in afresh
     t0 = time.monotonic()
     items, digest = list_input(cfg)
     pyfunc = load_model(cfg.model, cfg.tracking)

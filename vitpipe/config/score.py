@@ -22,9 +22,10 @@ class ScoreConfig(StrictModel):
     split: str = "test"  # for a shard-set input
     batch_size: int = Field(256, gt=0)
     top_k: int = Field(5, ge=1)
-    # decode processes; None: one on a CPU-only machine (decoding is a few % of a CPU
-    # forward, and more processes take cores from the forward's threads), else cores - 1 up
-    # to 8 (a GPU forward waits for decoding)
+    # decode processes; None: on CPU none up to 2 cores and one above (decoding is ~10% of
+    # a CPU forward, and a process beside it takes cores from the forward's threads: on 2
+    # cores in-process decoding was the faster, bench/score_speed.py), beside a GPU
+    # cores - 1 up to 8 (a GPU forward waits for decoding)
     num_workers: int | None = Field(None, ge=0)
     progress: bool = True
     s3: S3Config = S3Config()
