@@ -1,5 +1,6 @@
-"""Scheduled retraining end to end (`python -m flows.pipeline`, ephemeral Prefect, MLflow on
-SQLite): an ImageFolder source grows -> a new dataset version with new shards only -> a
+"""Scheduled retraining end to end (`python -m flows.pipeline`, ephemeral Prefect; MLflow on
+SQLite, and a real `mlflow server` with its artifacts in SeaweedFS S3): an ImageFolder source
+grows -> a new dataset version with new shards only -> a
 warm start from the champion -> the champion re-evaluated on the new test split -> the
 decision recorded; an unchanged re-run trains nothing; --force retrains."""
 
@@ -22,15 +23,14 @@ MODEL = "retrain-vit"
 pytestmark = pytest.mark.timeout(1500)
 
 
-def _preset(tmp: Path) -> Path:
+def _preset(tmp: Path, tracking: dict) -> Path:
     runs = tmp / "runs"
     preset = {
         "name": "retrain",
         "model": {"name": "vit_tiny_patch4_28", "num_classes": 2, "depth": 1, "embed_dim": 32,
                   "num_heads": 2},
         "data": {"batch_size": 16, "eval_batch_size": 64, "num_workers": 0},
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "retrain",
-                     "artifact_location": str(tmp / "mlartifacts")},
+        "tracking": tracking,
         "shard": {"source": {"kind": "imagefolder", "path": str(tmp / "src" / "train"),
                              "test_path": str(tmp / "src" / "test")},
                   "output": str(tmp / "shards"), "max_samples_per_shard": 32, "workers": 1,
@@ -53,26 +53,40 @@ def _preset(tmp: Path) -> Path:
     return path
 
 
-def _pipeline(tmp: Path, *args: str) -> dict:
+def _pipeline(tmp: Path, tracking: dict, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
     env.update({"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED":
                 "false", "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results")})
     res = subprocess.run([sys.executable, "-m", "flows.pipeline", "--config",
-                          str(_preset(tmp)), "--json", *args], cwd=ROOT, env=env,
+                          str(_preset(tmp, tracking)), "--json", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     out = res.stdout
     return json.loads(out[out.index("{\n"):]) | {"_log": res.stderr + out}
 
 
-def test_grown_source_warm_start_fair_gate_then_nothing_to_do(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "server"])
+def tracking(request, tmp_path: Path) -> dict:
+    """The embedded store, or the MLflow server with S3 artifacts (weights, manifests and the
+    champion's download for the warm start and the re-evaluation all go through it)."""
+    if request.param == "sqlite":
+        return {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "retrain",
+                "artifact_location": str(tmp_path / "mlartifacts")}
+    server = request.getfixturevalue("mlflow_server")
+    return {"uri": server.uri, "experiment": f"retrain-{tmp_path.name}"}
+
+
+def test_grown_source_warm_start_fair_gate_then_nothing_to_do(tmp_path: Path,
+                                                               tracking: dict) -> None:
     src = tmp_path / "src"
     _add_images(src / "train", 0, 30)
     _add_images(src / "test", 0, 8)
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking["uri"])
+    if client.search_registered_models(f"name = '{MODEL}'"):  # the session's server
+        client.delete_registered_model(MODEL)
 
-    first = _pipeline(tmp_path)
+    first = _pipeline(tmp_path, tracking)
     assert first["model_version"] == "1" and first["promoted"] and not first["skipped"]
     assert first["warm_start"] is None and "no champion yet" in first["_log"]
     v1 = read_manifest(str(tmp_path / "shards"))
@@ -81,7 +95,7 @@ def test_grown_source_warm_start_fair_gate_then_nothing_to_do(tmp_path: Path) ->
     # new data: 2 x 10 train images and 2 x 4 test images, and the test split may grow
     _add_images(src / "train", 30, 10)
     _add_images(src / "test", 8, 4)
-    second = _pipeline(tmp_path, "shard.grow_test=true")
+    second = _pipeline(tmp_path, tracking, "shard.grow_test=true")
     v2 = read_manifest(str(tmp_path / "shards"))
     assert v2.version == 2 and v2.parent == v1.digest
     new = {p.name for p in (tmp_path / "shards").glob("*.tar")} - set(old_shards)
@@ -109,10 +123,10 @@ def test_grown_source_warm_start_fair_gate_then_nothing_to_do(tmp_path: Path) ->
     assert tags["vitpipe.gate.champion_recorded"].endswith(v1.splits["test"].digest)
 
     # nothing changed: nothing trained, and the summary says which version has these inputs
-    third = _pipeline(tmp_path, "shard.grow_test=true")
+    third = _pipeline(tmp_path, tracking, "shard.grow_test=true")
     assert third["skipped"] and third["inputs_digest"] == second["inputs_digest"]
     assert third["model_version"] == "2" and "nothing retrained" in third["decision"]["reason"]
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
     # --force retrains on the same inputs
-    forced = _pipeline(tmp_path, "shard.grow_test=true", "--force")
+    forced = _pipeline(tmp_path, tracking, "shard.grow_test=true", "--force")
     assert not forced["skipped"] and forced["model_version"] == "3"
