@@ -233,3 +233,30 @@ def test_racing_promotions_end_with_the_best_champion_and_a_linear_history(world
             recorded = mv.tags["vitpipe.gate.previous_champion"]
             assert recorded == decisions[c.version].previous_champion
         champion = best
+
+
+def test_score_and_onnx_export_of_the_champion_through_the_server(world, tmp_path):
+    """What registry consumers do next, against the server: batch scoring of @champion into
+    Parquet (its run on the server, naming the version) and an ONNX export equal to the
+    pyfunc on real images."""
+    import pandas as pd
+
+    from vitpipe.config import ScoreConfig
+    from vitpipe.registry.onnx_export import check_against_pyfunc, export_onnx
+    from vitpipe.score import score
+
+    uri, tracking = f"models:/{NAME}@champion", TrackingConfig(uri=world["uri"])
+    champion = MlflowClient(world["uri"]).get_model_version_by_alias(NAME, "champion").version
+    paths = write_pngs(tmp_path / "in", N_IMAGES)
+    res = score(ScoreConfig(model=uri, input=str(tmp_path / "in"),
+                            output=str(tmp_path / "p.parquet"), batch_size=5, progress=False,
+                            tracking=tracking))
+    df = pd.read_parquet(tmp_path / "p.parquet")
+    assert len(df) == len(paths) and df["error"].isna().all()
+    assert res["model_version"] == str(champion) and set(df["model_version"]) == {champion}
+    run = MlflowClient(world["uri"]).get_run(res["run_id"])
+    assert run.data.tags["vitpipe.model_version"] == str(champion)
+    out = tmp_path / "m.onnx"
+    export_onnx(uri, out, tracking)
+    pngs = [p.read_bytes() for p in paths]
+    assert check_against_pyfunc(uri, out, pngs, tracking) <= 1e-4
