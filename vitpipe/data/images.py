@@ -84,13 +84,16 @@ def decode_tensor(data: bytes | bytearray, ext: str, channels: int, origin: str,
                 check(data)
             except imgcheck.ImageCheckError as err:
                 raise DataError(f"corrupt image {origin}: {err}") from None
+        # pil_conversion: a PNG qualifies by its header; a JPEG is decoded as it is and kept
+        # if its channel count matches
         native = not pil_conversion or ext != "png" or _png_channels(data) == channels
+        mode = _GRAY if channels == 1 else _RGB
+        if pil_conversion and ext != "png":
+            mode = _UNCHANGED
         try:
             # torch.frombuffer needs a writable buffer: a bytearray (as the shard reader hands
             # out) is used as it is, bytes are copied
             buf = data if type(data) is bytearray else bytearray(data)
-            mode = (_UNCHANGED if pil_conversion and ext != "png" else
-                    _GRAY if channels == 1 else _RGB)
             t = _image_op()(torch.frombuffer(buf, dtype=torch.uint8), mode, False) if native \
                 else None
             if t is not None and t.dtype is torch.uint8 and t.ndim == 3 and (
