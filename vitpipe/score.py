@@ -74,12 +74,11 @@ def list_input(cfg: ScoreConfig) -> tuple[list[Item], str]:
     return items, h.hexdigest()
 
 
-_PNG_SIG, _JPEG_SOI = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
-
-
 def _format_of(data: bytes) -> str:
     """'png' or 'jpg' by the bytes' own signature (a file's name can lie), else '' (PIL)."""
-    return "png" if data[:8] == _PNG_SIG else "jpg" if data[:3] == _JPEG_SOI else ""
+    from .data.imgcheck import JPEG_SOI, PNG_SIG
+
+    return "png" if data[:8] == PNG_SIG else "jpg" if data[:3] == JPEG_SOI else ""
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -210,7 +209,7 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     items, digest = list_input(cfg)
     pyfunc = load_model(cfg.model, cfg.tracking)
     clf = pyfunc.unwrap_python_model()
-    version = _version_of(cfg, pyfunc)
+    version = _version_of(cfg)
     k = min(cfg.top_k, len(clf.classes))
     schema = pa.schema([("key", pa.string()), ("label", pa.string()),
                         ("top_k_labels", pa.list_(pa.string())),
@@ -277,16 +276,12 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     return result
 
 
-def _version_of(cfg: ScoreConfig, pyfunc: Any) -> str:
-    """The registered version behind ``cfg.model`` (``models:/name@alias`` resolved)."""
-    from mlflow import MlflowClient
+def _version_of(cfg: ScoreConfig) -> str:
+    """The registered version behind ``cfg.model`` (an alias or ``latest`` resolved); ""
+    for a URI that names no registered version."""
+    from .tracking import model_version, resolve_uri
 
-    from .tracking import resolve_uri
     ref = cfg.model[len("models:/"):] if cfg.model.startswith("models:/") else ""
-    if not ref or ref.startswith("m-"):
+    if "/" not in ref.strip("/") and "@" not in ref:  # runs:/, a path, models:/m-<id>
         return ""
-    client = MlflowClient(resolve_uri(cfg.tracking))
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return str(client.get_model_version_by_alias(name, alias).version)
-    return ref.split("/", 1)[1] if "/" in ref else ""
+    return str(model_version(cfg.model, resolve_uri(cfg.tracking)).version)

@@ -40,6 +40,27 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.default_uri
 
 
+def model_version(uri: str, registry_uri: str) -> Any:
+    """The ``ModelVersion`` behind ``models:/<name>/<version>`` (``latest`` included) or
+    ``models:/<name>@<alias>``, looked up in the registry at ``registry_uri``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len("models:/"):].strip("/")
+    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, version = ref.split("/", 1)
+    if version == "latest":
+        newest = client.search_model_versions(f"name = '{name}'", max_results=1,
+                                              order_by=["version_number DESC"])
+        if not newest:
+            raise MlflowException(f"registered model {name!r} has no versions")
+        return newest[0]
+    return client.get_model_version(name, version)
+
+
 def check_reachable(uri: str, timeout: float) -> None:
     """Raise :class:`TrackingError` naming ``uri`` if the store cannot be reached in ``timeout``."""
     shown = redact_uri(uri)

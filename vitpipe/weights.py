@@ -122,15 +122,11 @@ def _model_version_source(uri: str, registry_uri: str) -> str:
     URI, looked up in the registry at ``registry_uri``."""
     from mlflow import MlflowClient
 
-    ref = uri[len("models:/"):].strip("/")
-    client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    from .tracking import model_version
+
     try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = ref.split("/", 1)
-            mv = client.get_model_version(name, version)
+        mv = model_version(uri, registry_uri)
+        client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
         return client.get_model_version_download_uri(mv.name, mv.version)
     except Exception as err:
         raise CheckpointError(f"cannot resolve {uri} in the model registry at "

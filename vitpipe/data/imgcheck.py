@@ -28,7 +28,8 @@ class ImageCheckError(DataError):
     """Image bytes that must not be handed to a native decoder."""
 
 
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+JPEG_SOI = b"\xff\xd8\xff"  # start of image, then the first marker's 0xFF
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 _MAX_SIDE = 1 << 16  # 65536 px: larger images are refused (a decompression bomb guard)
@@ -38,7 +39,7 @@ def check_png(data: bytes | bytearray) -> None:
     """Raise :class:`ImageCheckError` unless ``data`` is a structurally sound PNG."""
     mv = memoryview(data)
     n = len(mv)
-    if bytes(mv[:8]) != _PNG_SIG:
+    if bytes(mv[:8]) != PNG_SIG:
         raise ImageCheckError("not a PNG (bad signature)")
     pos, first, idat = 8, True, []
     ihdr: tuple[int, ...] = ()
@@ -115,7 +116,7 @@ _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0x
 def check_jpeg(data: bytes | bytearray) -> None:
     """Raise :class:`ImageCheckError` unless ``data`` has a sound JPEG marker structure."""
     n = len(data)
-    if data[:3] != b"\xff\xd8\xff":
+    if data[:3] != JPEG_SOI:
         raise ImageCheckError("not a JPEG (no SOI marker)")
     pos, frame = 2, False
     while True:
